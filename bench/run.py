@@ -1,0 +1,196 @@
+"""Checkpoint save/restore benchmark: zarrckpt against its peers. See bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import _fs
+import _report
+from _methods import REGISTRY
+from _model import ArraySpec, MiB, digest, generate, parse_size, row_slice, transformer_specs
+
+BENCH = Path(__file__).resolve().parent
+OUT = BENCH / "out"
+CHILD = BENCH / "_child.py"
+DEFAULT_METHODS = ["raw", "npy", "safetensors", "torch", "tensorstore", "zarr-default",
+                   "zarrckpt"]
+VARIABLE_TARGET = 64 * MiB
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="2GiB", help="model size, e.g. 256MiB, 2GiB")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma list of {', '.join(REGISTRY)}")
+    parser.add_argument("--dir", type=Path, help="where checkpoint files go "
+                        "(default: a new bench/out/data-<timestamp>)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all methods")
+    parser.add_argument("--seed", type=int, default=0, help="model generator seed")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per child phase")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint files")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(REGISTRY)}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def partial_targets(specs: list[ArraySpec]) -> dict[str, ArraySpec]:
+    """The variable nearest 64 MiB (read alone) and the largest one (row slice)."""
+    return {"variable": min(specs, key=lambda s: abs(s.nbytes - VARIABLE_TARGET)),
+            "slice": max(specs, key=lambda s: s.nbytes)}
+
+
+def expectations(specs: list[ArraySpec], seed: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """Expected digests of every array and of the partial reads, one array in memory at a time."""
+    targets = partial_targets(specs)
+    expected: dict[str, str] = {}
+    parts: dict[str, Any] = {}
+    for spec in specs:
+        array = generate(spec, seed)
+        expected[spec.name] = digest(array)
+        for label, target in targets.items():
+            if target.name == spec.name:
+                rows = row_slice(spec) if label == "slice" else None
+                part = array if rows is None else array[rows[0] : rows[1]]
+                parts[label] = {"spec": spec.to_json(), "rows": rows, "expected": digest(part)}
+    return expected, parts
+
+
+def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter; always returns a result dict."""
+    with tempfile.TemporaryDirectory(prefix="zarrckpt-bench-") as tmp:
+        job_file, result_file = Path(tmp, "job.json"), Path(tmp, "result.json")
+        job_file.write_text(json.dumps(job))
+        try:
+            proc = subprocess.run([sys.executable, str(CHILD), str(job_file), str(result_file)],
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if result_file.exists():
+            return dict(json.loads(result_file.read_text()))
+        tail = " | ".join(proc.stderr.strip().splitlines()[-5:])
+        return {"error": f"child exited with {proc.returncode}: {tail}"}
+
+
+def describe(phase: str, result: dict[str, Any], model_bytes: int) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    if "error" in result:
+        return f"ERROR {result['error']}"
+    if phase == "partial":
+        return "; ".join(f"{label} {r['seconds']:.3f} s, {r['files']} file(s)"
+                         for label, r in result.items())
+    extra = (result["peak_rss"] - model_bytes) / MiB
+    text = f"{result['seconds']:.2f} s, peak RSS {extra:+.0f} MiB over model"
+    if phase == "restore":
+        text += f", {result['resident_after_drop'] / MiB:.1f} MiB cached after drop, verified"
+    return text
+
+
+def run_method(name: str, common: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """save, restore and (where supported) partial reads of one method."""
+    record: dict[str, Any] = {}
+    phases = ["save", "restore"] + (["partial"] if REGISTRY[name].partial else [])
+    for phase in phases:
+        result = run_child({**common, "method": name, "phase": phase,
+                            "path": str(Path(common["root"], name))}, timeout)
+        record[phase] = result
+        print(f"  {name:<13} {phase:<8} {describe(phase, result, common['model_bytes'])}",
+              flush=True)
+        if result.get("traceback"):
+            print("    " + result["traceback"].strip().replace("\n", "\n    "), flush=True)
+        if phase == "save" and ("error" in result or "skipped" in result):
+            break
+    return record
+
+
+def data_root(args: argparse.Namespace, stamp: str) -> tuple[Path, bool]:
+    root = args.dir.resolve() if args.dir else OUT / f"data-{stamp}"
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    return root, created
+
+
+def cleanup(root: Path, created: bool, methods: list[str]) -> None:
+    for name in methods:
+        _fs.remove_tree(root / name)
+    if created and not any(root.iterdir()):
+        root.rmdir()
+
+
+def model_info(specs: list[ArraySpec], dtype: str) -> dict[str, Any]:
+    largest = max(specs, key=lambda s: s.nbytes)
+    return {"arrays": len(specs), "bytes": sum(s.nbytes for s in specs), "dtype": dtype,
+            "width": specs[-1].shape[0],
+            "largest": f"{largest.name} {largest.shape} {_report.mib(largest.nbytes)} MiB"}
+
+
+def print_tables(summaries: dict[str, dict[str, Any]], model_bytes: int) -> None:
+    print()
+    print(_report.markdown(_report.MAIN_HEADERS, _report.main_rows(summaries, model_bytes)))
+    partial = _report.partial_rows(summaries)
+    if partial:
+        print("\nCold partial reads out of the full checkpoint:\n")
+        print(_report.markdown(_report.PARTIAL_HEADERS, partial))
+    problems = [(name, p) for name, s in summaries.items() for p in s["problems"]]
+    if problems:
+        print("\nNotes:")
+        for name, problem in problems:
+            print(f"  {name}: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    specs = transformer_specs(parse_size(args.size), args.dtype)
+    root, created = data_root(args, stamp)
+    model = model_info(specs, args.dtype)
+    info: dict[str, Any] = {
+        "command": shlex.join(["python3", *sys.argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": _report.machine(root), "versions": _report.versions(), "model": model,
+        "partial_targets": {label: {"name": s.name, "bytes": s.nbytes, "shape": s.shape,
+                                    "rows": row_slice(s) if label == "slice" else None}
+                            for label, s in partial_targets(specs).items()},
+    }
+    print("\n".join(_report.header_lines(info)), flush=True)
+    started = time.perf_counter()
+    expected, parts = expectations(specs, args.seed)
+    print(f"expected digests computed in {time.perf_counter() - started:.1f} s", flush=True)
+    common = {"root": str(root), "seed": args.seed, "specs": [s.to_json() for s in specs],
+              "expected": expected, "parts": parts, "model_bytes": model["bytes"]}
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
+    try:
+        for repeat in range(args.repeat):
+            print(f"round {repeat + 1}/{args.repeat}", flush=True)
+            for name in args.methods:
+                records[name].append(run_method(name, common, args.timeout))
+    finally:
+        if not args.keep:
+            cleanup(root, created, args.methods)
+    summaries = {m: _report.summarize(recs, model["bytes"]) for m, recs in records.items()}
+    print_tables(summaries, model["bytes"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / f"results-{stamp}.json"
+    out.write_text(json.dumps({**info, "summary": summaries, "runs": records}, indent=1,
+                              default=str))
+    print(f"\nresults: {out}" + (f"\nfiles kept in {root}" if args.keep else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""zarrckpt: object-based checkpoints of large numerical state as open Zarr v3 hierarchies.
+
+Example:
+    >>> import numpy as np, zarrckpt as zc
+    >>> class Model(zc.AutoTrackable):
+    ...     def __init__(self):
+    ...         self.w = zc.Variable(np.zeros((4, 4), np.float32))
+    >>> model = Model()
+    >>> path = zc.Checkpoint(model=model).save("/tmp/ckpts/run")
+    >>> zc.Checkpoint(model=Model()).restore(path).assert_consumed()
+
+Importing zarrckpt registers ``bfloat16`` and the float8 types with zarr, so
+plain ``zarr.open_array`` reads them.
+"""
+
+from zarrckpt._dtypes import register_ml_dtypes as _register_ml_dtypes
+from zarrckpt._graph import list_objects
+from zarrckpt.checkpoint import Checkpoint, CheckpointLoadStatus, InitializationOnlyStatus
+from zarrckpt.containers import Dict, List
+from zarrckpt.optimizer import Optimizer
+from zarrckpt.python_state import NumpyState, PythonState
+from zarrckpt.record import ObjectGraph
+from zarrckpt.trackable import AutoTrackable, NoDependency, Trackable
+from zarrckpt.tracking import UniqueNameTracker, split_dependency
+from zarrckpt.variable import Variable, capture_dependencies
+
+_register_ml_dtypes()
+
+__version__ = "0.1.0"
+
+# Names of TensorFlow's tf.contrib.checkpoint module, kept as aliases.
+CheckpointableBase = Trackable
+Checkpointable = AutoTrackable
+Mapping = Dict
+PythonStateWrapper = PythonState
+CheckpointableObjectGraph = ObjectGraph
+
+__all__ = [
+    "AutoTrackable",
+    "Checkpoint",
+    "CheckpointLoadStatus",
+    "Checkpointable",
+    "CheckpointableBase",
+    "CheckpointableObjectGraph",
+    "Dict",
+    "InitializationOnlyStatus",
+    "List",
+    "Mapping",
+    "NoDependency",
+    "NumpyState",
+    "ObjectGraph",
+    "Optimizer",
+    "PythonState",
+    "PythonStateWrapper",
+    "Trackable",
+    "UniqueNameTracker",
+    "Variable",
+    "__version__",
+    "capture_dependencies",
+    "list_objects",
+    "split_dependency",
+]

@@ -1,0 +1,149 @@
+"""Traversing the live object graph: node ids, shortest-path names, saved values.
+
+Breadth-first from the root, dependencies in the order they were added, so
+every object gets the shortest path of dependency names (ties broken by that
+order) and the same graph always yields the same record. An object reached by
+several paths or through a cycle is one node. Slot variables are appended after
+the breadth-first pass, named after the variable they belong to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zarrckpt._dtypes import dtype_name
+from zarrckpt._keys import attribute_key, escape_name, slot_variable_path
+from zarrckpt.errors import UnsupportedValueError
+from zarrckpt.optimizer import Optimizer
+from zarrckpt.record import (
+    ChildReference,
+    ObjectGraph,
+    ObjectNode,
+    SavedAttribute,
+    SlotVariableReference,
+)
+from zarrckpt.trackable import SaveContext, Trackable
+
+__all__ = ["GraphView", "SavePlan", "build_save_plan", "list_objects", "traverse"]
+
+
+@dataclass
+class GraphView:
+    """The live objects reachable from a root, numbered as the record numbers them."""
+
+    objects: list[Trackable] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    node_ids: dict[int, int] = field(default_factory=dict)
+    children: list[list[ChildReference]] = field(default_factory=list)
+    slots: list[list[SlotVariableReference]] = field(default_factory=list)
+
+    def add(self, obj: Trackable, path: str) -> int:
+        node_id = len(self.objects)
+        self.objects.append(obj)
+        self.paths.append(path)
+        self.node_ids[id(obj)] = node_id
+        self.children.append([])
+        self.slots.append([])
+        return node_id
+
+    def node_of(self, obj: Trackable) -> int | None:
+        return self.node_ids.get(id(obj))
+
+
+def traverse(root: Trackable) -> GraphView:
+    """Number every object reachable from ``root`` (the root is node 0)."""
+    if not isinstance(root, Trackable):
+        raise TypeError(f"the root must be a Trackable, got {type(root).__name__}")
+    view = GraphView()
+    view.add(root, "")
+    node_id = 0
+    while node_id < len(view.objects):  # the list grows as the queue
+        for name, child in view.objects[node_id]._checkpoint_dependencies():
+            child_id = view.node_of(child)
+            if child_id is None:
+                prefix = view.paths[node_id]
+                escaped = escape_name(name)
+                child_id = view.add(child, f"{prefix}/{escaped}" if prefix else escaped)
+            view.children[node_id].append(ChildReference(name, child_id))
+        node_id += 1
+    _add_slot_variables(view)
+    return view
+
+
+def _add_slot_variables(view: GraphView) -> None:
+    for optimizer_id in range(len(view.objects)):
+        optimizer = view.objects[optimizer_id]
+        if not isinstance(optimizer, Optimizer):
+            continue
+        for var, slot_name, slot in optimizer._slot_variables():
+            var_id = view.node_of(var)
+            if var_id is None:
+                continue  # the variable is not saved, so neither is its slot
+            slot_id = view.node_of(slot)
+            if slot_id is None:
+                path = slot_variable_path(view.paths[var_id], view.paths[optimizer_id], slot_name)
+                slot_id = view.add(slot, path)
+            view.slots[optimizer_id].append(SlotVariableReference(var_id, slot_name, slot_id))
+
+
+def list_objects(root: Trackable) -> list[Trackable]:
+    """Every object reachable from ``root``, the root first, in breadth-first order.
+
+    Slot variables are included when both their variable and their optimizer
+    are reachable (exactly the objects a checkpoint of ``root`` saves).
+
+    Example:
+        >>> [type(o).__name__ for o in list_objects(model)]   # doctest: +SKIP
+        ['Model', 'Dense', 'Variable', 'Variable']
+    """
+    return list(traverse(root).objects)
+
+
+@dataclass
+class SavePlan:
+    """What one save writes: the record and every (key, array) pair."""
+
+    graph: ObjectGraph
+    arrays: list[tuple[str, np.ndarray[Any, Any]]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(array.nbytes) for _, array in self.arrays)
+
+
+def build_save_plan(root: Trackable) -> SavePlan:
+    """Traverse ``root`` and collect the record and the arrays to write.
+
+    Arrays are the live buffers themselves where possible (no copies).
+    """
+    view = traverse(root)
+    context = SaveContext()
+    nodes = []
+    arrays: list[tuple[str, np.ndarray[Any, Any]]] = []
+    for node_id, obj in enumerate(view.objects):
+        path = view.paths[node_id]
+        obj._check_saveable(path)
+        attributes = []
+        for name, saveable in obj._saveable_values().items():
+            key = attribute_key(path, name)
+            array = saveable.value(context)
+            if not isinstance(array, np.ndarray):
+                raise UnsupportedValueError(
+                    f"{key}: expected a numpy array to save, got {type(array).__name__}"
+                )
+            attributes.append(SavedAttribute(name, key, tuple(array.shape), dtype_name(array.dtype)))
+            arrays.append((key, array))
+        nodes.append(
+            ObjectNode(
+                type_name=obj._zc_type_name(),
+                children=tuple(view.children[node_id]),
+                attributes=tuple(attributes),
+                slot_variables=tuple(view.slots[node_id]),
+            )
+        )
+    graph = ObjectGraph(nodes=tuple(nodes))
+    graph.validate()
+    return SavePlan(graph=graph, arrays=arrays)

@@ -1,0 +1,201 @@
+"""Where a checkpoint's files go: a root URL plus relative keys.
+
+``LocalStorage`` talks to the OS directly (``writev`` + ``fsync``, ``readv``
+into the caller's buffers) because that is what reaches disk speed;
+``FsspecStorage`` serves every other fsspec filesystem. Every key is checked
+here, at the edge, so nothing read from a checkpoint can name a file outside
+the root.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from zarrckpt.errors import CorruptCheckpointError, InvalidKeyError
+
+__all__ = ["FsspecStorage", "LocalStorage", "Storage", "check_relative_key", "resolve"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+def check_relative_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative path, else raise :class:`InvalidKeyError`."""
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(part in ("", ".", "..") for part in key.split("/"))
+    ):
+        raise InvalidKeyError(f"unsafe storage key {key!r}: must be relative without '.' or '..'")
+    return key
+
+
+class Storage(ABC):
+    """The files of one checkpoint (or checkpoint attempt) under one root."""
+
+    url: str
+
+    @abstractmethod
+    def write(self, key: str, parts: Sequence[Buffer]) -> None:
+        """Create or replace file ``key`` with the concatenation of ``parts``."""
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole content of ``key``; FileNotFoundError if absent."""
+
+    @abstractmethod
+    def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` in order with the content of ``key``, which must fit exactly."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether file ``key`` exists."""
+
+    def sync(self) -> None:  # noqa: B027 - nothing to do where writes are durable at once
+        """Make every file written so far durable (directory entries included)."""
+
+    def _size_error(self, key: str, found: int, expected: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.url}/{key}: file has {found} bytes, expected {expected}"
+        )
+
+
+class LocalStorage(Storage):
+    """Files on a local filesystem, written with ``writev`` and fsync'ed if asked."""
+
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+        self.fsync = fsync
+        self._made_dirs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_relative_key(key))
+
+    def _ensure_dir(self, directory: str) -> None:
+        with self._lock:
+            if directory in self._made_dirs:
+                return
+        os.makedirs(directory, exist_ok=True)
+        with self._lock:
+            self._made_dirs.add(directory)
+
+    def write(self, key: str, parts: Sequence[Buffer]) -> None:
+        path = self._path(key)
+        self._ensure_dir(os.path.dirname(path))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            pending = [memoryview(p).cast("B") for p in parts if len(p)]
+            while pending:
+                written = os.writev(fd, pending)
+                while pending and written >= len(pending[0]):
+                    written -= len(pending[0])
+                    pending.pop(0)
+                if pending and written:
+                    pending[0] = pending[0][written:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, key: str) -> bytes:
+        with open(self._path(key), "rb") as file:
+            return file.read()
+
+    def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
+        expected = sum(len(b) for b in buffers)
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            pending = [b.cast("B") if b.format != "B" else b for b in buffers if len(b)]
+            total = 0
+            while pending:
+                count = os.readv(fd, pending)
+                if count == 0:
+                    raise self._size_error(key, total, expected)
+                total += count
+                while pending and count >= len(pending[0]):
+                    count -= len(pending[0])
+                    pending.pop(0)
+                if pending and count:
+                    pending[0] = pending[0][count:]
+            if os.read(fd, 1):
+                raise self._size_error(key, os.fstat(fd).st_size, expected)
+        finally:
+            os.close(fd)
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def sync(self) -> None:
+        if not self.fsync:
+            return
+        with self._lock:
+            directories = sorted(self._made_dirs | {self.root}, key=len, reverse=True)
+        for directory in directories:
+            fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync a directory so the entries created in it are durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FsspecStorage(Storage):
+    """Files on any fsspec filesystem (memory, object stores, ...)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = fs.unstrip_protocol(self.root)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{check_relative_key(key)}"
+
+    def write(self, key: str, parts: Sequence[Buffer]) -> None:
+        self.fs.pipe_file(self._path(key), b"".join(parts))
+
+    def read(self, key: str) -> bytes:
+        data: bytes = self.fs.cat_file(self._path(key))
+        return data
+
+    def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
+        data = memoryview(self.read(key))
+        expected = sum(len(b) for b in buffers)
+        if len(data) != expected:
+            raise self._size_error(key, len(data), expected)
+        offset = 0
+        for buffer in buffers:
+            flat = buffer.cast("B") if buffer.format != "B" else buffer
+            flat[:] = data[offset : offset + len(flat)]
+            offset += len(flat)
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.isfile(self._path(key)))
+
+
+def resolve(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path within it for a local path or fsspec URL."""
+    fs, root = fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
+    if isinstance(fs, LocalFileSystem):
+        root = os.path.abspath(root)
+    return fs, str(root).rstrip("/") or "/"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (where LocalStorage applies)."""
+    return isinstance(fs, LocalFileSystem)

@@ -1,0 +1,411 @@
+"""Checkpoint: save and restore a graph of trackable objects.
+
+Saving traverses the graph (see :mod:`zarrckpt._graph`), writes one Zarr array
+per saved value and the object-graph record, and commits atomically (see
+:mod:`zarrckpt._commit`). Restoring matches the record's nodes to live objects
+by dependency names, starting from the root, checks every match's shape and
+dtype before reading any byte, then reads each value straight into the live
+object's memory. Checkpointed objects the program has not created yet are
+restored when they are attached (deferred restoration).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import numpy as np
+
+from zarrckpt import array_io
+from zarrckpt._commit import CommittedCheckpoint, LocalCommit, open_committed
+from zarrckpt._dtypes import dtype_from_name
+from zarrckpt._graph import build_save_plan, list_objects
+from zarrckpt._storage import is_local
+from zarrckpt._storage import resolve as resolve_path
+from zarrckpt.errors import MatchError, UnmatchedValuesWarning, ZarrckptError
+from zarrckpt.optimizer import Optimizer
+from zarrckpt.record import SavedAttribute, SlotVariableReference
+from zarrckpt.trackable import AutoTrackable, SaveableValue, Trackable
+from zarrckpt.variable import Variable
+
+__all__ = ["Checkpoint", "CheckpointLoadStatus", "InitializationOnlyStatus"]
+
+SAVE_COUNTER = "save_counter"
+PathLike = str | os.PathLike[str]
+
+
+class Checkpoint(AutoTrackable):
+    """Groups trackable objects, saves them to and restores them from checkpoints.
+
+    Keyword arguments name the root's dependencies; more can be attached later
+    as attributes. ``save()`` numbers checkpoints with ``save_counter``, which
+    is saved with them and restored by ``read()`` / ``restore()``.
+
+    Example:
+        >>> ckpt = Checkpoint(model=model, optimizer=opt)
+        >>> path = ckpt.save("/ckpts/run")          # "/ckpts/run-1"
+        >>> Checkpoint(model=fresh_model).restore(path).assert_existing_objects_matched()
+    """
+
+    def __init__(self, **objects: Trackable) -> None:
+        for name, obj in objects.items():
+            if name == SAVE_COUNTER:
+                raise ValueError(f"{SAVE_COUNTER!r} is reserved for the checkpoint's counter")
+            if not isinstance(obj, Trackable):
+                raise TypeError(
+                    f"Checkpoint({name}=...) expects a Trackable, got {type(obj).__name__}"
+                )
+            setattr(self, name, obj)
+
+    @property
+    def save_counter(self) -> Variable | None:
+        """The int64 scalar Variable counting ``save()`` calls, once one has happened."""
+        counter = self._lookup_dependency(SAVE_COUNTER)
+        return counter if isinstance(counter, Variable) else None
+
+    def _create_save_counter(self) -> Variable:
+        counter = self.save_counter
+        if counter is None:
+            counter = Variable(np.int64(0), name=None, dtype=np.int64)
+            self._track_trackable(counter, SAVE_COUNTER)
+        return counter
+
+    def write(
+        self, path: PathLike, *, storage_options: dict[str, Any] | None = None
+    ) -> str:
+        """Write a committed checkpoint at ``path``; ``save_counter`` is not incremented.
+
+        Returns ``path``. Refuses to write over an existing checkpoint.
+        """
+        plan = build_save_plan(self)
+        fs, root = resolve_path(path, storage_options)
+        if not is_local(fs):
+            raise ZarrckptError(
+                f"{path}: only local paths are supported so far; fsspec URLs come with the "
+                "object-store commit protocol"
+            )
+        commit = LocalCommit(root)
+        storage = commit.create()
+        try:
+            files = array_io.write_arrays(storage, plan.arrays)
+            commit.finalize(plan.graph.encode(), files)
+        except BaseException:
+            commit.abort()
+            raise
+        return os.fspath(path)
+
+    def save(
+        self, file_prefix: PathLike, *, storage_options: dict[str, Any] | None = None
+    ) -> str:
+        """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path."""
+        counter = self._create_save_counter()
+        counter.assign_add(1)
+        number = int(counter.numpy())
+        try:
+            return self.write(f"{os.fspath(file_prefix)}-{number}", storage_options=storage_options)
+        except BaseException:
+            counter.assign_sub(1)
+            raise
+
+    def read(
+        self, path: PathLike, *, storage_options: dict[str, Any] | None = None
+    ) -> CheckpointLoadStatus:
+        """Restore values from the checkpoint at ``path`` into the live objects.
+
+        Values go into the objects' existing memory. Objects in the checkpoint
+        that do not exist yet get their values when they are attached. A shape
+        or dtype mismatch raises before anything is changed.
+        """
+        checkpoint = open_committed(path, storage_options)
+        root_children = {c.name for c in checkpoint.graph.nodes[0].children}
+        if SAVE_COUNTER in root_children:
+            self._create_save_counter()
+        session = RestoreSession(checkpoint)
+        session.restore_root(self)
+        return CheckpointLoadStatus(session, self)
+
+    def restore(
+        self, path: PathLike | None, *, storage_options: dict[str, Any] | None = None
+    ) -> CheckpointLoadStatus | InitializationOnlyStatus:
+        """Like :meth:`read`; ``None`` restores nothing and returns a status that says so."""
+        if path is None:
+            return InitializationOnlyStatus(self)
+        return self.read(path, storage_options=storage_options)
+
+    def __repr__(self) -> str:
+        names = [name for name, _ in self._checkpoint_dependencies()]
+        return f"<zarrckpt.Checkpoint dependencies={names}>"
+
+
+@dataclass
+class _RestoreProgress:
+    """What a restore has done so far; outlives the session for the final warning."""
+
+    checkpoint_url: str
+    all_keys: list[str]
+    restored_keys: set[str] = field(default_factory=set)
+    expect_partial: bool = False
+
+    def unrestored(self) -> list[str]:
+        return [key for key in self.all_keys if key not in self.restored_keys]
+
+
+def _warn_unrestored(progress: _RestoreProgress) -> None:
+    if progress.expect_partial:
+        return
+    missing = progress.unrestored()
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(
+            f"restore of {progress.checkpoint_url} left {len(missing)} saved values unused: "
+            f"{shown}. Call expect_partial() on the status to silence this.",
+            UnmatchedValuesWarning,
+            stacklevel=2,
+        )
+
+
+_Transfer = tuple[SavedAttribute, SaveableValue, np.ndarray[Any, Any]]
+
+
+class RestoreSession:
+    """Matches one checkpoint's nodes to live objects, now and as objects appear."""
+
+    def __init__(self, checkpoint: CommittedCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.graph = checkpoint.graph
+        self._matched: dict[int, weakref.ref[Trackable]] = {}
+        self._matched_objects: dict[int, int] = {}  # id(obj) -> node id
+        self._slots_of_variable: dict[int, list[tuple[int, SlotVariableReference]]] = {}
+        for node_id, node in enumerate(self.graph.nodes):
+            for ref in node.slot_variables:
+                self._slots_of_variable.setdefault(ref.original_variable_node_id, []).append(
+                    (node_id, ref)
+                )
+        self.progress = _RestoreProgress(
+            checkpoint.url, [attribute.key for _, attribute in self.graph.attributes()]
+        )
+        weakref.finalize(self, _warn_unrestored, self.progress)
+
+    # Matching -------------------------------------------------------------
+
+    def restore_root(self, root: Trackable) -> None:
+        self._restore(0, root)
+
+    def restore_deferred(self, node_id: int, obj: Trackable) -> None:
+        """Restore checkpoint node ``node_id`` and its subtree into ``obj``, attached late."""
+        self._restore(node_id, obj)
+
+    def _restore(self, node_id: int, obj: Trackable) -> None:
+        transfers: list[_Transfer] = []
+        deferrals: list[Callable[[], None]] = []
+        matched_before = dict(self._matched)
+        try:
+            self._match(node_id, obj, transfers, deferrals)
+            self._transfer(transfers)
+        except BaseException:
+            self._matched = matched_before
+            self._matched_objects = {
+                id(ref()): n for n, ref in matched_before.items() if ref() is not None
+            }
+            raise
+        for defer in deferrals:
+            defer()
+
+    def matched_object(self, node_id: int) -> Trackable | None:
+        ref = self._matched.get(node_id)
+        return ref() if ref is not None else None
+
+    def is_matched(self, obj: Trackable) -> bool:
+        node_id = self._matched_objects.get(id(obj))
+        return node_id is not None and self.matched_object(node_id) is obj
+
+    def _match(
+        self,
+        node_id: int,
+        obj: Trackable,
+        transfers: list[_Transfer],
+        deferrals: list[Callable[[], None]],
+    ) -> None:
+        if self.matched_object(node_id) is obj:
+            return
+        self._matched[node_id] = weakref.ref(obj)
+        self._matched_objects[id(obj)] = node_id
+        node = self.graph.nodes[node_id]
+        values = obj._saveable_values()
+        for attribute in node.attributes:
+            saveable = values.get(attribute.name)
+            if saveable is not None:
+                dtype = dtype_from_name(attribute.dtype)
+                destination = saveable.destination(attribute.shape, dtype, attribute.key)
+                transfers.append((attribute, saveable, destination))
+        for child in node.children:
+            live = obj._dependency_for_restore(child.name)
+            if live is None:
+                deferrals.append(
+                    lambda o=obj, c=child: o._defer_restoration(c.name, self, c.node_id)
+                )
+            else:
+                self._match(child.node_id, live, transfers, deferrals)
+        for ref in node.slot_variables:
+            variable = self.matched_object(ref.original_variable_node_id)
+            if variable is not None:
+                self._match_slot(obj, variable, ref, transfers, deferrals)
+        for optimizer_id, ref in self._slots_of_variable.get(node_id, []):
+            optimizer = self.matched_object(optimizer_id)
+            if optimizer is not None and optimizer is not obj:
+                self._match_slot(optimizer, obj, ref, transfers, deferrals)
+
+    def _match_slot(
+        self,
+        optimizer: Trackable,
+        variable: Trackable,
+        ref: SlotVariableReference,
+        transfers: list[_Transfer],
+        deferrals: list[Callable[[], None]],
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            return
+        try:
+            slot = optimizer.get_slot(variable, ref.slot_name)
+        except KeyError:
+            deferrals.append(
+                lambda: optimizer._defer_slot_restoration(
+                    variable, ref.slot_name, self, ref.slot_variable_node_id
+                )
+            )
+            return
+        self._match(ref.slot_variable_node_id, slot, transfers, deferrals)
+
+    def _transfer(self, transfers: list[_Transfer]) -> None:
+        storage = self.checkpoint.storage
+        targets = []
+        for attribute, _, destination in transfers:
+            layout = array_io.read_layout(storage, attribute.key)
+            targets.append((attribute.key, layout, destination))
+        array_io.read_arrays(storage, targets)
+        for attribute, saveable, destination in transfers:
+            saveable.commit(destination)
+            self.progress.restored_keys.add(attribute.key)
+
+    # Reporting ------------------------------------------------------------
+
+    def describe_node(self, node_id: int) -> str:
+        path = self.graph.paths().get(node_id)
+        if path is None:
+            return f"slot variable (node {node_id})"
+        return path or "<root>"
+
+
+class CheckpointLoadStatus:
+    """What a restore matched; methods assert on it and return the status to chain.
+
+    Example:
+        >>> ckpt.restore(path).expect_partial().assert_nontrivial_match()
+    """
+
+    def __init__(self, session: RestoreSession, root: Trackable) -> None:
+        self._session = session
+        self._root = root
+
+    def assert_consumed(self) -> Self:
+        """Every object and value in the checkpoint was matched, and vice versa.
+
+        Raises :class:`~zarrckpt.errors.MatchError` naming what is unmatched.
+        """
+        session = self._session
+        unmatched = [
+            session.describe_node(n)
+            for n in range(len(session.graph.nodes))
+            if session.matched_object(n) is None
+        ]
+        if unmatched:
+            raise MatchError(
+                f"objects in checkpoint {session.progress.checkpoint_url} not matched to live "
+                f"objects: {unmatched}"
+            )
+        unrestored = session.progress.unrestored()
+        if unrestored:
+            raise MatchError(f"saved values never restored: {unrestored}")
+        return self.assert_existing_objects_matched()
+
+    def assert_existing_objects_matched(self) -> Self:
+        """Every live object with values (reachable from the root) got them from the checkpoint."""
+        session = self._session
+        unmatched = [
+            obj
+            for obj in list_objects(self._root)
+            if obj._saveable_values() and not session.is_matched(obj)
+        ]
+        if unmatched:
+            raise MatchError(
+                f"{len(unmatched)} live objects found no value in checkpoint "
+                f"{session.progress.checkpoint_url}: {[repr(o)[:80] for o in unmatched[:10]]}"
+            )
+        restored = session.progress.restored_keys
+        partial = sorted(
+            attribute.key
+            for node_id, attribute in session.graph.attributes()
+            if session.matched_object(node_id) is not None and attribute.key not in restored
+        )
+        if partial:
+            raise MatchError(f"matched objects do not take these saved values: {partial}")
+        return self
+
+    def assert_nontrivial_match(self) -> Self:
+        """At least one object besides the root and its save counter was matched."""
+        session = self._session
+        counter = self._root._lookup_dependency(SAVE_COUNTER)
+        for node_id in range(1, len(session.graph.nodes)):
+            obj = session.matched_object(node_id)
+            if obj is not None and obj is not counter:
+                return self
+        raise MatchError(
+            f"nothing in checkpoint {session.progress.checkpoint_url} matched an object "
+            "other than the root"
+        )
+
+    def expect_partial(self) -> Self:
+        """Silence the warning about saved values left unused."""
+        self._session.progress.expect_partial = True
+        return self
+
+    def initialize_or_restore(self) -> Self:
+        """Nothing left to run: values were restored eagerly (kept for TensorFlow parity)."""
+        return self
+
+    def __repr__(self) -> str:
+        progress = self._session.progress
+        return (
+            f"<CheckpointLoadStatus {progress.checkpoint_url}: "
+            f"{len(progress.restored_keys)}/{len(progress.all_keys)} values restored>"
+        )
+
+
+class InitializationOnlyStatus:
+    """The status of ``restore(None)``: nothing was restored; variables keep their values."""
+
+    def __init__(self, root: Trackable) -> None:
+        self._root = root
+
+    def _fail(self) -> MatchError:
+        return MatchError("no checkpoint was given to restore (path is None)")
+
+    def assert_consumed(self) -> Self:
+        raise self._fail()
+
+    def assert_existing_objects_matched(self) -> Self:
+        raise self._fail()
+
+    def assert_nontrivial_match(self) -> Self:
+        raise self._fail()
+
+    def expect_partial(self) -> Self:
+        return self
+
+    def initialize_or_restore(self) -> Self:
+        """Variables are initialized when created, so there is nothing to do."""
+        return self

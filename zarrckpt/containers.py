@@ -1,0 +1,207 @@
+"""Trackable containers: List and Dict.
+
+Elements that are trackable become dependencies named by their index (``"0"``,
+``"1"``, ...) or by their string key. A List's names are positions, so a
+mutation that moves, replaces or deletes a trackable element would silently
+give a saved value to another object on restore: after such a mutation the
+List refuses to be saved (:class:`~zarrckpt.errors.NonAppendMutationError`).
+A Dict's names are its keys, so replacing or deleting an entry renames nothing
+and is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, MutableSequence
+from typing import Any, SupportsIndex, overload
+
+from zarrckpt.errors import DependencyNameError, NonAppendMutationError
+from zarrckpt.trackable import NoDependency, Trackable, wrap_tracked_value
+
+__all__ = ["Dict", "List", "wrap_container"]
+
+
+def wrap_container(value: Any) -> Any:
+    """Turn a plain ``list`` / ``dict`` into a trackable List / Dict; other values pass."""
+    if type(value) is list:
+        return List(value)
+    if type(value) is dict:
+        return Dict(value)
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, NoDependency) else wrap_tracked_value(value)
+
+
+class List(Trackable, MutableSequence[Any]):
+    """A list whose trackable elements are dependencies named by their index.
+
+    Appending (``append``, ``extend``, ``+=``) is always safe. Replacing,
+    deleting, inserting before or reordering trackable elements marks the list
+    as mutated and makes a later save raise, because restore matches values by
+    position.
+
+    Example:
+        >>> layers = List([Variable(np.zeros(2)), Variable(np.ones(2))])
+        >>> layers.append(Variable(np.full(2, 2.0)))   # saved as "2"
+    """
+
+    def __init__(self, values: Iterable[Any] = ()) -> None:
+        self._storage: list[Any] = []
+        self._non_append_mutation: str | None = None
+        self.extend(values)
+
+    def _holds_trackable(self, *extra: Any) -> bool:
+        return any(isinstance(v, Trackable) for v in (*self._storage, *extra))
+
+    def _mark_mutated(self, operation: str, *extra: Any) -> None:
+        if self._holds_trackable(*extra) and self._non_append_mutation is None:
+            self._non_append_mutation = operation
+
+    def _retrack(self) -> None:
+        state = self._zc_tracking
+        state.dependencies.clear()
+        for index, value in enumerate(self._storage):
+            if isinstance(value, Trackable):
+                state.dependencies[str(index)] = value
+
+    # Appending -------------------------------------------------------------
+
+    def append(self, value: Any) -> None:
+        value = _unwrap(value)
+        index = len(self._storage)
+        self._storage.append(value)
+        if isinstance(value, Trackable):
+            try:
+                self._track_trackable(value, str(index))
+            except BaseException:
+                self._storage.pop()
+                raise
+
+    def extend(self, values: Iterable[Any]) -> None:
+        for value in values:
+            self.append(value)
+
+    def __iadd__(self, values: Iterable[Any]) -> List:
+        self.extend(values)
+        return self
+
+    # Mutations that rename ---------------------------------------------------
+
+    @overload
+    def __setitem__(self, index: SupportsIndex, value: Any) -> None: ...
+    @overload
+    def __setitem__(self, index: slice, value: Iterable[Any]) -> None: ...
+    def __setitem__(self, index: SupportsIndex | slice, value: Any) -> None:
+        if isinstance(index, slice):
+            new = [_unwrap(v) for v in value]
+            self._mark_mutated("slice assignment", *new)
+            self._storage[index] = new
+        else:
+            new_value = _unwrap(value)
+            if self._storage[index] is not new_value:
+                self._mark_mutated("item replacement", new_value)
+            self._storage[index] = new_value
+        self._retrack()
+
+    def __delitem__(self, index: SupportsIndex | slice) -> None:
+        self._mark_mutated("deletion")
+        del self._storage[index]
+        self._retrack()
+
+    def insert(self, index: SupportsIndex, value: Any) -> None:
+        value = _unwrap(value)
+        if int(index) >= len(self._storage):
+            self.append(value)
+            return
+        self._mark_mutated("insert", value)
+        self._storage.insert(index, value)
+        self._retrack()
+
+    def sort(self, *, key: Any = None, reverse: bool = False) -> None:
+        self._mark_mutated("sort")
+        self._storage.sort(key=key, reverse=reverse)
+        self._retrack()
+
+    def reverse(self) -> None:
+        self._mark_mutated("reverse")
+        self._storage.reverse()
+        self._retrack()
+
+    # Reading ----------------------------------------------------------------
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> Any:
+        return self._storage[index]
+
+    def __len__(self) -> int:
+        return len(self._storage)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._storage)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, List):
+            return self._storage == other._storage
+        return self._storage == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"List({self._storage!r})"
+
+    def _check_saveable(self, path: str) -> None:
+        if self._non_append_mutation is not None:
+            raise NonAppendMutationError(
+                f"cannot save the List at {path or '<root>'!r}: a trackable element was "
+                f"moved, replaced or deleted ({self._non_append_mutation}). List "
+                "dependencies are named by position, so restoring would give saved "
+                "values to the wrong objects. Build a new List (or use a Dict) instead."
+            )
+
+
+class Dict(Trackable, MutableMapping[Any, Any]):
+    """A dict whose trackable values are dependencies named by their string key.
+
+    Keys of trackable values must be strings (checked when the value is set).
+
+    Example:
+        >>> heads = Dict(policy=Variable(np.zeros(4)), value=Variable(np.zeros(1)))
+    """
+
+    def __init__(self, *args: Mapping[Any, Any] | Iterable[tuple[Any, Any]], **kwargs: Any) -> None:
+        self._storage: dict[Any, Any] = {}
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        value = _unwrap(value)
+        if isinstance(value, Trackable):
+            if not isinstance(key, str):
+                raise DependencyNameError(
+                    f"Dict keys of trackable values must be str (they name the dependency); "
+                    f"got {type(key).__name__} key {key!r}"
+                )
+            self._track_trackable(value, key, overwrite=True)
+        elif isinstance(key, str):
+            self._untrack(key)
+        self._storage[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._storage[key]
+        if isinstance(key, str):
+            self._untrack(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._storage[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._storage)
+
+    def __len__(self) -> int:
+        return len(self._storage)
+
+    def __repr__(self) -> str:
+        return f"Dict({self._storage!r})"

@@ -1,0 +1,98 @@
+"""The one exception tree of zarrckpt.
+
+Every error raised on purpose by zarrckpt derives from :class:`ZarrckptError`.
+Each also derives from the builtin exception a caller would naturally catch
+(``KeyError`` for a missing key, ``ValueError`` for bad input, ...), so code
+may catch either. Messages name the path, the key and what was expected
+versus what was found.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointExistsError",
+    "ChecksumError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "DependencyNameError",
+    "DTypeMismatchError",
+    "FormatVersionError",
+    "InvalidKeyError",
+    "MatchError",
+    "MissingChunkError",
+    "NonAppendMutationError",
+    "RecordError",
+    "ShapeMismatchError",
+    "UnmatchedValuesWarning",
+    "UnsupportedDTypeError",
+    "UnsupportedValueError",
+    "ZarrckptError",
+]
+
+
+class ZarrckptError(Exception):
+    """Base class of every error zarrckpt raises on purpose."""
+
+
+class CheckpointNotFoundError(ZarrckptError, FileNotFoundError):
+    """The path holds no committed zarrckpt checkpoint."""
+
+
+class CheckpointExistsError(ZarrckptError, FileExistsError):
+    """A checkpoint already exists where a new one was to be written."""
+
+
+class CorruptCheckpointError(ZarrckptError, ValueError):
+    """A checkpoint's bytes are not what its format and manifest promise."""
+
+
+class ChecksumError(CorruptCheckpointError):
+    """A chunk's stored CRC32C does not match its bytes."""
+
+
+class MissingChunkError(CorruptCheckpointError):
+    """A chunk file every committed checkpoint must hold is absent."""
+
+
+class RecordError(CorruptCheckpointError):
+    """The object-graph record is truncated, malformed or inconsistent."""
+
+
+class FormatVersionError(ZarrckptError, ValueError):
+    """The checkpoint was written in a format version this zarrckpt cannot read."""
+
+
+class InvalidKeyError(ZarrckptError, ValueError):
+    """A key or name would escape the checkpoint or is not a valid component."""
+
+
+class UnsupportedDTypeError(ZarrckptError, TypeError):
+    """A value's dtype cannot be stored in a checkpoint."""
+
+
+class UnsupportedValueError(ZarrckptError, TypeError):
+    """A value of a type zarrckpt cannot save was given where an array was needed."""
+
+
+class ShapeMismatchError(ZarrckptError, ValueError):
+    """A saved value's shape differs from the live object's."""
+
+
+class DTypeMismatchError(ZarrckptError, TypeError):
+    """A saved value's dtype differs from the live object's."""
+
+
+class DependencyNameError(ZarrckptError, ValueError):
+    """A dependency name is invalid or already names another object."""
+
+
+class NonAppendMutationError(ZarrckptError, ValueError):
+    """A tracked list was mutated in a way that renames its dependencies."""
+
+
+class MatchError(ZarrckptError, AssertionError):
+    """A restore status assertion failed: checkpoint and live objects differ."""
+
+
+class UnmatchedValuesWarning(UserWarning):
+    """Some checkpointed values were never matched to a live object."""

@@ -73,8 +73,13 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: commit manifest is too large")
         try:
             doc = msgpack.unpackb(
-                data, raw=False, max_bin_len=0, max_ext_len=0, max_map_len=8,
-                max_str_len=1 << 16, max_array_len=1 << 24,
+                data,
+                raw=False,
+                max_bin_len=0,
+                max_ext_len=0,
+                max_map_len=8,
+                max_str_len=1 << 16,
+                max_array_len=1 << 24,
             )
             if not isinstance(doc, dict) or doc.get("format_name") != _MANIFEST_NAME:
                 raise ValueError("not a zarrckpt commit manifest")

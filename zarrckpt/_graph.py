@@ -134,7 +134,9 @@ def build_save_plan(root: Trackable) -> SavePlan:
                 raise UnsupportedValueError(
                     f"{key}: expected a numpy array to save, got {type(array).__name__}"
                 )
-            attributes.append(SavedAttribute(name, key, tuple(array.shape), dtype_name(array.dtype)))
+            attributes.append(
+                SavedAttribute(name, key, tuple(array.shape), dtype_name(array.dtype))
+            )
             arrays.append((key, array))
         nodes.append(
             ObjectNode(

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import crc32c
@@ -154,10 +155,14 @@ class ChunkFile:
 
 
 def _write_chunk(
-    storage: Storage, key: str, layout: ArrayLayout, array: np.ndarray[Any, Any],
-    coords: tuple[int, ...], region: tuple[slice, ...],
+    storage: Storage,
+    key: str,
+    layout: ArrayLayout,
+    array: np.ndarray[Any, Any],
+    coords: tuple[int, ...],
+    region: tuple[slice, ...],
 ) -> ChunkFile:
-    data = _chunk_bytes(array, region)
+    data = _chunk_bytes(array, region).data
     padding = bytes(layout.chunk_nbytes - data.nbytes)
     checksum = crc32c.crc32c(data)
     if padding:
@@ -185,18 +190,14 @@ def write_arrays(
     for key, array in arrays:
         layout = ArrayLayout.plan(tuple(array.shape), array.dtype.newbyteorder("="), chunk_bytes)
         metadata = layout.metadata()
-        tasks.append(lambda k=key, m=metadata: _write_file(storage, f"{k}/zarr.json", m))
+        tasks.append(partial(_write_file, storage, f"{key}/zarr.json", metadata))
         for coords, region in layout.chunks():
-            tasks.append(
-                lambda k=key, lo=layout, a=array, c=coords, r=region: _write_chunk(
-                    storage, k, lo, a, c, r
-                )
-            )
+            tasks.append(partial(_write_chunk, storage, key, layout, array, coords, region))
         parts = key.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
     group_json = group_metadata()
     for group in sorted(groups):
-        tasks.append(lambda g=group: _write_file(storage, f"{g}/zarr.json", group_json))
+        tasks.append(partial(_write_file, storage, f"{group}/zarr.json", group_json))
     return _run(tasks, threads)
 
 
@@ -224,9 +225,7 @@ def read_layout(storage: Storage, key: str) -> ArrayLayout:
     try:
         doc = json.loads(raw)
         shape = tuple(int(d) for d in doc["shape"])
-        chunk_shape = tuple(
-            int(d) for d in doc["chunk_grid"]["configuration"]["chunk_shape"]
-        )
+        chunk_shape = tuple(int(d) for d in doc["chunk_grid"]["configuration"]["chunk_shape"])
         ok = (
             doc["zarr_format"] == 3
             and doc["node_type"] == "array"
@@ -257,8 +256,13 @@ def read_layout(storage: Storage, key: str) -> ArrayLayout:
 
 
 def _read_chunk(
-    storage: Storage, key: str, layout: ArrayLayout, out: np.ndarray[Any, Any],
-    coords: tuple[int, ...], region: tuple[slice, ...], direct: bool,
+    storage: Storage,
+    key: str,
+    layout: ArrayLayout,
+    out: np.ndarray[Any, Any],
+    coords: tuple[int, ...],
+    region: tuple[slice, ...],
+    direct: bool,
 ) -> None:
     name = chunk_key(key, coords)
     valid = math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
@@ -266,12 +270,10 @@ def _read_chunk(
     if direct:
         # The chunk's region is one contiguous run of ``out``: read into it.
         flat = out.reshape(-1).view(np.uint8)
-        start = sum(
-            r.start * stride for r, stride in zip(region, out.strides, strict=True)
-        )
-        data = memoryview(flat[start : start + valid])
+        start = sum(r.start * stride for r, stride in zip(region, out.strides, strict=True))
+        data = flat[start : start + valid].data
     else:
-        data = memoryview(np.empty(valid, np.uint8))
+        data = np.empty(valid, np.uint8).data
     padding = bytearray(layout.chunk_nbytes - valid)
     try:
         storage.read_into(name, [data, memoryview(padding), memoryview(trailer)])
@@ -321,10 +323,5 @@ def read_arrays(
             )
         direct = bool(out.flags.c_contiguous) and out.dtype == _little_endian(out.dtype)
         for coords, region in layout.chunks():
-            tasks.append(
-                lambda k=key, lo=layout, o=out, c=coords, r=region, d=direct: _read_chunk(
-                    storage, k, lo, o, c, r, d
-                )
-            )
+            tasks.append(partial(_read_chunk, storage, key, layout, out, coords, region, direct))
     _run(tasks, threads)
-

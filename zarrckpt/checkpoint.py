@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Self
 
 import numpy as np
@@ -74,9 +75,7 @@ class Checkpoint(AutoTrackable):
             self._track_trackable(counter, SAVE_COUNTER)
         return counter
 
-    def write(
-        self, path: PathLike, *, storage_options: dict[str, Any] | None = None
-    ) -> str:
+    def write(self, path: PathLike, *, storage_options: dict[str, Any] | None = None) -> str:
         """Write a committed checkpoint at ``path``; ``save_counter`` is not incremented.
 
         Returns ``path``. Refuses to write over an existing checkpoint.
@@ -98,9 +97,7 @@ class Checkpoint(AutoTrackable):
             raise
         return os.fspath(path)
 
-    def save(
-        self, file_prefix: PathLike, *, storage_options: dict[str, Any] | None = None
-    ) -> str:
+    def save(self, file_prefix: PathLike, *, storage_options: dict[str, Any] | None = None) -> str:
         """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path."""
         counter = self._create_save_counter()
         counter.assign_add(1)
@@ -125,7 +122,11 @@ class Checkpoint(AutoTrackable):
         if SAVE_COUNTER in root_children:
             self._create_save_counter()
         session = RestoreSession(checkpoint)
-        session.restore_root(self)
+        try:
+            session.restore_root(self)
+        except BaseException:
+            session.progress.expect_partial = True  # the error says enough; no warning too
+            raise
         return CheckpointLoadStatus(session, self)
 
     def restore(
@@ -159,7 +160,9 @@ def _warn_unrestored(progress: _RestoreProgress) -> None:
         return
     missing = progress.unrestored()
     if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
         warnings.warn(
             f"restore of {progress.checkpoint_url} left {len(missing)} saved values unused: "
             f"{shown}. Call expect_partial() on the status to silence this.",
@@ -245,9 +248,7 @@ class RestoreSession:
         for child in node.children:
             live = obj._dependency_for_restore(child.name)
             if live is None:
-                deferrals.append(
-                    lambda o=obj, c=child: o._defer_restoration(c.name, self, c.node_id)
-                )
+                deferrals.append(partial(obj._defer_restoration, child.name, self, child.node_id))
             else:
                 self._match(child.node_id, live, transfers, deferrals)
         for ref in node.slot_variables:
@@ -273,8 +274,12 @@ class RestoreSession:
             slot = optimizer.get_slot(variable, ref.slot_name)
         except KeyError:
             deferrals.append(
-                lambda: optimizer._defer_slot_restoration(
-                    variable, ref.slot_name, self, ref.slot_variable_node_id
+                partial(
+                    optimizer._defer_slot_restoration,
+                    variable,
+                    ref.slot_name,
+                    self,
+                    ref.slot_variable_node_id,
                 )
             )
             return

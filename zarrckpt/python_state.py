@@ -114,7 +114,7 @@ class _NumpyAttributeValue(SaveableValue):
 
     def commit(self, array: np.ndarray[Any, Any]) -> None:
         live = self._holder.value
-        if live is None or isinstance(live, np.ndarray) and array is not live:
+        if live is None or (isinstance(live, np.ndarray) and array is not live):
             self._holder.value = array
         elif isinstance(live, np.generic):
             self._holder.value = array[()]

@@ -197,16 +197,16 @@ class ObjectGraph:
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
             raise RecordError(f"{where}: not a valid msgpack record ({exc})") from exc
         reader = _Reader(where)
-        doc = reader.map(document, "record", {"format", "version", "nodes"})
+        doc = reader.mapping(document, "record", {"format", "version", "nodes"})
         if doc["format"] != FORMAT_NAME:
             raise RecordError(f"{where}: format is {doc['format']!r}, expected {FORMAT_NAME!r}")
-        version = reader.int(doc["version"], "version")
+        version = reader.integer(doc["version"], "version")
         if version != FORMAT_VERSION:
             raise FormatVersionError(
                 f"{where}: record format version {version}; this zarrckpt reads "
                 f"version {FORMAT_VERSION}"
             )
-        raw_nodes = reader.list(doc["nodes"], "nodes")
+        raw_nodes = reader.sequence(doc["nodes"], "nodes")
         nodes = tuple(reader.node(raw, f"nodes[{i}]") for i, raw in enumerate(raw_nodes))
         graph = cls(nodes=nodes, version=version)
         try:
@@ -227,7 +227,9 @@ class ObjectGraph:
                 raise RecordError(f"node {node_id} has duplicate child names")
             for child in node.children:
                 if not 0 <= child.node_id < count:
-                    raise RecordError(f"node {node_id} child {child.name!r} -> bad id {child.node_id}")
+                    raise RecordError(
+                        f"node {node_id} child {child.name!r} -> bad id {child.node_id}"
+                    )
             attribute_names = [a.name for a in node.attributes]
             if len(set(attribute_names)) != len(attribute_names):
                 raise RecordError(f"node {node_id} has duplicate attribute names")
@@ -255,7 +257,7 @@ class _Reader:
         found = type(value).__name__
         return RecordError(f"{self.where}: {field} must be {expected}, found {found}")
 
-    def map(self, value: Any, field: str, keys: set[str]) -> dict[str, Any]:
+    def mapping(self, value: Any, field: str, keys: set[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(field, "a map", value)
         if set(value) != keys:
@@ -264,62 +266,63 @@ class _Reader:
             )
         return value
 
-    def list(self, value: Any, field: str, length: int | None = None) -> list[Any]:
+    def sequence(self, value: Any, field: str, length: int | None = None) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(field, "a list", value)
         if length is not None and len(value) != length:
             raise RecordError(f"{self.where}: {field} has {len(value)} items, expected {length}")
         return value
 
-    def int(self, value: Any, field: str) -> int:
+    def integer(self, value: Any, field: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise self.fail(field, "a non-negative int", value)
         return value
 
-    def str(self, value: Any, field: str) -> str:
+    def text(self, value: Any, field: str) -> str:
         if not isinstance(value, str):
             raise self.fail(field, "a string", value)
         return value
 
     def node(self, raw: Any, field: str) -> ObjectNode:
-        doc = self.map(raw, field, {"type", "children", "attributes", "slot_variables"})
+        doc = self.mapping(raw, field, {"type", "children", "attributes", "slot_variables"})
         children = []
-        for i, item in enumerate(self.list(doc["children"], f"{field}.children")):
-            name, node_id = self.list(item, f"{field}.children[{i}]", 2)
+        for i, item in enumerate(self.sequence(doc["children"], f"{field}.children")):
+            name, node_id = self.sequence(item, f"{field}.children[{i}]", 2)
             children.append(
                 ChildReference(
-                    self.str(name, f"{field}.children[{i}].name"),
-                    self.int(node_id, f"{field}.children[{i}].node_id"),
+                    self.text(name, f"{field}.children[{i}].name"),
+                    self.integer(node_id, f"{field}.children[{i}].node_id"),
                 )
             )
         attributes = []
-        for i, item in enumerate(self.list(doc["attributes"], f"{field}.attributes")):
+        for i, item in enumerate(self.sequence(doc["attributes"], f"{field}.attributes")):
             at = f"{field}.attributes[{i}]"
-            name, key, shape, dtype = self.list(item, at, 4)
+            name, key, shape, dtype = self.sequence(item, at, 4)
             dims = tuple(
-                self.int(d, f"{at}.shape") for d in self.list(shape, f"{at}.shape")[: _MAX_NDIM + 1]
+                self.integer(d, f"{at}.shape")
+                for d in self.sequence(shape, f"{at}.shape")[: _MAX_NDIM + 1]
             )
             attributes.append(
                 SavedAttribute(
-                    self.str(name, f"{at}.name"),
-                    self.str(key, f"{at}.key"),
+                    self.text(name, f"{at}.name"),
+                    self.text(key, f"{at}.key"),
                     dims,
-                    self.str(dtype, f"{at}.dtype"),
+                    self.text(dtype, f"{at}.dtype"),
                 )
             )
         slots = []
-        for i, item in enumerate(self.list(doc["slot_variables"], f"{field}.slot_variables")):
+        for i, item in enumerate(self.sequence(doc["slot_variables"], f"{field}.slot_variables")):
             at = f"{field}.slot_variables[{i}]"
-            original, slot_name, slot_node = self.list(item, at, 3)
+            original, slot_name, slot_node = self.sequence(item, at, 3)
             slots.append(
                 SlotVariableReference(
-                    self.int(original, f"{at}.original"),
-                    self.str(slot_name, f"{at}.slot_name"),
-                    self.int(slot_node, f"{at}.slot_variable"),
+                    self.integer(original, f"{at}.original"),
+                    self.text(slot_name, f"{at}.slot_name"),
+                    self.integer(slot_node, f"{at}.slot_variable"),
                 )
             )
         return ObjectNode(
-            type_name=self.str(doc["type"], f"{field}.type"),
+            type_name=self.text(doc["type"], f"{field}.type"),
             children=tuple(children),
             attributes=tuple(attributes),
             slot_variables=tuple(slots),

@@ -107,7 +107,7 @@ class DeferredRestorer(Protocol):
 
 
 class _TrackingState:
-    __slots__ = ("dependencies", "deferred")
+    __slots__ = ("deferred", "dependencies")
 
     def __init__(self) -> None:
         self.dependencies: dict[str, Trackable] = {}
@@ -193,7 +193,7 @@ class Trackable:
         """The values this object saves itself, by attribute name."""
         return {}
 
-    def _check_saveable(self, path: str) -> None:  # noqa: B027 - optional hook
+    def _check_saveable(self, path: str) -> None:
         """Raise if this object cannot be saved now (``path`` is for the message)."""
 
     def _defer_restoration(self, name: str, restorer: DeferredRestorer, node_id: int) -> None:
@@ -260,4 +260,3 @@ class AutoTrackable(Trackable):
     def __delattr__(self, name: str) -> None:
         self._untrack(name)
         object.__delattr__(self, name)
-

@@ -86,7 +86,8 @@ class Variable(Trackable):
     @property
     def dtype(self) -> np.dtype[Any]:
         """The variable's numpy dtype."""
-        return self._value.dtype
+        dtype: np.dtype[Any] = self._value.dtype
+        return dtype
 
     @property
     def nbytes(self) -> int:
@@ -126,4 +127,3 @@ def capture_dependencies(template: Trackable) -> Iterator[Trackable]:
         yield template
     finally:
         _capture_stack.reset(token)
-

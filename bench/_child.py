@@ -18,7 +18,7 @@ from typing import Any
 
 import _fs
 from _methods import Method, MethodUnavailable, Rows, create
-from _model import ArraySpec, digest, generate
+from _model import ArraySpec, digest, generate, resolve_dtype
 
 Job = dict[str, Any]
 Result = dict[str, Any]
@@ -28,9 +28,26 @@ class VerificationError(Exception):
     """Restored bytes differ from the deterministic model."""
 
 
-def max_rss() -> int:
-    """Peak RSS of this process so far, in bytes (ru_maxrss is KiB on Linux)."""
+def ru_maxrss() -> int:
+    """getrusage's peak RSS in bytes (KiB on Linux); kept for reference only.
+
+    Linux carries the parent's high-water RSS across fork + exec into the
+    child's ru_maxrss, so it can never read lower than the harness's own peak.
+    """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_rss() -> int:
+    """Peak RSS of this process's own memory so far (VmHWM), in bytes.
+
+    Equal to ru_maxrss whenever this process's peak exceeds the parent's, which
+    is the case for every phase that holds the model; unlike ru_maxrss it is
+    also right for small values (the imports baseline).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return ru_maxrss()
 
 
 def _specs(job: Job) -> list[ArraySpec]:
@@ -48,9 +65,10 @@ def save_phase(method: Method, job: Job) -> Result:
     method.save(state, path)
     _fs.fsync_tree(path)
     seconds = time.perf_counter() - start
-    peak = max_rss()
+    peak, ru_peak = max_rss(), ru_maxrss()
     files = _fs.files_under(path)
-    return {"seconds": seconds, "peak_rss": peak, "base_rss": base, "files": len(files),
+    return {"seconds": seconds, "peak_rss": peak, "ru_maxrss": ru_peak, "base_rss": base,
+            "files": len(files),
             "bytes_on_disk": sum(f.stat().st_size for f in files)}
 
 
@@ -70,9 +88,9 @@ def restore_phase(method: Method, job: Job) -> Result:
     start = time.perf_counter()
     state = method.restore(path, specs, live)
     seconds = time.perf_counter() - start
-    peak = max_rss()
+    peak, ru_peak = max_rss(), ru_maxrss()
     _check({s.name: digest(method.array(state, s.name)) for s in specs}, job["expected"])
-    return {"seconds": seconds, "peak_rss": peak, "base_rss": base,
+    return {"seconds": seconds, "peak_rss": peak, "ru_maxrss": ru_peak, "base_rss": base,
             "resident_after_drop": resident, "verified": True}
 
 
@@ -104,6 +122,7 @@ PHASES: dict[str, Callable[[Method, Job], Result]] = {
 def run(job: Job) -> Result:
     method = create(job["method"])
     try:
+        resolve_dtype(job["dtype"])  # the program knows its dtypes: imports ml_dtypes for bf16
         method.setup()
         return PHASES[job["phase"]](method, job)
     except MethodUnavailable as exc:

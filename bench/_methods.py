@@ -206,7 +206,7 @@ class Torch(Method):
     def array(self, state: dict[str, Any], name: str) -> np.ndarray:
         tensor = state[name]
         if tensor.dtype == self.torch.bfloat16:
-            return tensor.view(self.torch.int16).numpy().view(resolve_dtype("bfloat16"))
+            return np.asarray(tensor.view(self.torch.int16).numpy()).view(resolve_dtype("bfloat16"))
         return np.asarray(tensor.numpy())
 
 

@@ -41,7 +41,8 @@ def resolve_dtype(name: str) -> np.dtype[Any]:
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
     if name == "float32":
         return np.dtype(np.float32)
     raise ValueError(f"unsupported dtype {name!r}: use float32 or bfloat16")
@@ -119,7 +120,7 @@ def byte_view(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without a copy (works for bfloat16 too)."""
     if not array.flags.c_contiguous:
         raise ValueError("array must be C-contiguous")
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return memoryview(array.reshape(-1).view(np.uint8).data)
 
 
 def digest(array: np.ndarray) -> str:

@@ -81,7 +81,7 @@ def median(values: list[float]) -> float | None:
 
 
 def _ok(record: dict[str, Any], phase: str) -> dict[str, Any] | None:
-    result = record.get(phase)
+    result: dict[str, Any] | None = record.get(phase)
     if result is None or "error" in result or "skipped" in result:
         return None
     return result

@@ -24,6 +24,7 @@ CHILD = BENCH / "_child.py"
 DEFAULT_METHODS = ["raw", "npy", "safetensors", "torch", "tensorstore", "zarr-default",
                    "zarrckpt"]
 VARIABLE_TARGET = 64 * MiB
+TRACEBACK_LINES = 6  # printed per failure; the JSON keeps the whole traceback
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child phase")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint files")
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in args.methods if m not in REGISTRY]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(REGISTRY)}")
@@ -112,7 +113,8 @@ def run_method(name: str, common: dict[str, Any], timeout: float) -> dict[str, A
         print(f"  {name:<13} {phase:<8} {describe(phase, result, common['model_bytes'])}",
               flush=True)
         if result.get("traceback"):
-            print("    " + result["traceback"].strip().replace("\n", "\n    "), flush=True)
+            tail = result["traceback"].strip().splitlines()[-TRACEBACK_LINES:]
+            print("\n".join("    " + line for line in tail), flush=True)
         if phase == "save" and ("error" in result or "skipped" in result):
             break
     return record
@@ -171,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     expected, parts = expectations(specs, args.seed)
     print(f"expected digests computed in {time.perf_counter() - started:.1f} s", flush=True)
-    common = {"root": str(root), "seed": args.seed, "specs": [s.to_json() for s in specs],
-              "expected": expected, "parts": parts, "model_bytes": model["bytes"]}
+    common = {"root": str(root), "seed": args.seed, "dtype": args.dtype,
+              "specs": [s.to_json() for s in specs], "expected": expected, "parts": parts,
+              "model_bytes": model["bytes"]}
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     try:
         for repeat in range(args.repeat):

@@ -113,7 +113,7 @@ def test_dtype_mismatch_raises_and_changes_nothing(tmp_path, model):
     fresh = Model(seed=5)
     fresh.embedding = zc.Variable(np.zeros((10, 6), np.float64))
     before = _values(fresh)
-    with pytest.raises(DTypeMismatchError, match="float32.*float64"):
+    with pytest.raises(DTypeMismatchError, match=r"float32.*float64"):
         zc.Checkpoint(model=fresh).read(path)
     _assert_model_equal(fresh, before)
 

@@ -52,15 +52,22 @@ def escape_name(name: str) -> str:
     if name == "":
         return "~"
     if _PLAIN.fullmatch(name) and not name.startswith("__"):
-        return name
-    out: list[str] = []
-    for index, char in enumerate(name):
-        plain = _PLAIN.fullmatch(char) is not None and not (index == 0 and name.startswith("__"))
-        if plain:
-            out.append(char)
-        else:
-            out.extend(f"~{byte:02X}" for byte in char.encode("utf-8"))
-    escaped = "".join(out)
+        escaped = name
+    else:
+        out: list[str] = []
+        for index, char in enumerate(name):
+            leading_underscore = index == 0 and name.startswith("__")
+            if _PLAIN.fullmatch(char) is not None and not leading_underscore:
+                out.append(char)
+                continue
+            try:
+                raw = char.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidKeyError(
+                    f"name {name[:60]!r} is not valid Unicode (lone surrogate at {index})"
+                ) from None
+            out.extend(f"~{byte:02X}" for byte in raw)
+        escaped = "".join(out)
     if len(escaped.encode()) > MAX_COMPONENT_BYTES:
         raise InvalidKeyError(
             f"name {name[:60]!r}... escapes to {len(escaped)} bytes; "

@@ -63,18 +63,22 @@ class ArrayLayout:
     def plan(
         cls, shape: tuple[int, ...], dtype: np.dtype[Any], chunk_bytes: int = DEFAULT_CHUNK_BYTES
     ) -> ArrayLayout:
-        """Chunks of about ``chunk_bytes`` split along the leading axes only.
+        """Chunks of at most ``chunk_bytes`` (where possible) split along the leading axes only.
 
-        Rows per chunk are balanced (ceil(n / number_of_chunks)) so the padding
-        of the edge chunk stays small.
+        Axes whose inner block does not fit the target get chunks of 1; the
+        first axis whose inner block fits is split into balanced runs of rows
+        (ceil(n / number_of_chunks), never more than the target allows); later
+        axes are whole. Only an array whose single element exceeds the target
+        gets chunks over it.
         """
         chunk: list[int] = []
         for axis, size in enumerate(shape):
             inner_bytes = math.prod(shape[axis + 1 :]) * dtype.itemsize
-            if inner_bytes > chunk_bytes and size > 1:
+            if inner_bytes > chunk_bytes:
                 chunk.append(1)
                 continue
-            count = max(1, math.ceil(size * max(inner_bytes, 1) / chunk_bytes))
+            rows_fit = chunk_bytes // inner_bytes if inner_bytes else max(size, 1)
+            count = max(1, math.ceil(size / rows_fit))
             chunk.append(max(1, math.ceil(size / count)))
             chunk.extend(max(1, s) for s in shape[axis + 1 :])
             break
@@ -92,6 +96,8 @@ class ArrayLayout:
 
     def is_contiguous_runs(self) -> bool:
         """Whether every chunk is one contiguous C-order run (leading-axes split)."""
+        if 0 in self.shape:
+            return True  # no chunks at all
         split = False
         for c, s in zip(self.chunk_shape, self.shape, strict=True):
             if split and c != s:

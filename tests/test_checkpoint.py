@@ -284,3 +284,19 @@ def test_object_reached_twice_is_saved_once(tmp_path):
     fresh.b.inner = Dense(2, 2, seed=7)
     zc.Checkpoint(root=fresh).read(path).assert_consumed()
     np.testing.assert_array_equal(fresh.b.inner.kernel.numpy(), shared.kernel.numpy())
+
+
+def test_dependencies_named_like_checkpoint_files_round_trip(tmp_path):
+    names = ["zarr.json", "_COMMIT", "object_graph.msgpack", "layers.0.weight", "..", "c"]
+
+    def build(offset: float) -> zc.Dict:
+        return zc.Dict({n: zc.Variable(np.full(3, i + offset)) for i, n in enumerate(names)})
+
+    saved = build(0.0)
+    path = zc.Checkpoint(model=saved).write(tmp_path / "c")
+    fresh = build(100.0)
+    zc.Checkpoint(model=fresh).read(path).assert_consumed()
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(fresh[name].numpy(), np.full(3, float(i)))
+    assert (tmp_path / "c" / "model" / "layers.0.weight").is_dir()
+    assert (tmp_path / "c" / "model" / "~7Aarr.json").is_dir()

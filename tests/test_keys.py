@@ -21,7 +21,7 @@ from zarrckpt._keys import (
 from zarrckpt._storage import LocalStorage, check_relative_key
 from zarrckpt.errors import InvalidKeyError, ZarrckptError
 
-SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_~-]+")
+SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_~.-]+")
 
 # Names short enough that even 4-byte characters escape within the component limit
 # (each byte becomes "~XX": 12 characters per 4-byte character).
@@ -31,11 +31,13 @@ short_names = st.text(max_size=MAX_COMPONENT_BYTES // 12)
 def _assert_safe_component(escaped: str) -> None:
     assert SAFE_COMPONENT.fullmatch(escaped), escaped
     assert escaped not in ("", ".", "..")
-    assert "/" not in escaped and "." not in escaped
+    assert "/" not in escaped
+    assert not escaped.startswith(".") and not escaped.endswith(".")
     assert not escaped.startswith("__")
     assert escaped not in (ATTRIBUTES, OPTIMIZER_SLOT)
     assert len(escaped.encode()) <= MAX_COMPONENT_BYTES
-    assert validate_key(escaped) == escaped
+    key = f"{escaped}/{ATTRIBUTES}/VARIABLE_VALUE"
+    assert validate_key(key) == key
 
 
 @given(short_names)
@@ -80,6 +82,10 @@ def test_escape_is_injective_on_confusable_alphabet(name):
         (".ATTRIBUTES", "~2EATTRIBUTES"),
         ("é", "~C3~A9"),
         ("a b", "a~20b"),
+        ("layers.3.mlp.weight", "layers.3.mlp.weight"),
+        ("a.", "a~2E"),
+        ("...", "~2E.~2E"),
+        (".x.", "~2Ex~2E"),
     ],
 )
 def test_escape_examples(name, expected):
@@ -103,6 +109,9 @@ def test_distinct_confusable_names_escape_differently():
         "/",
         "a/b",
         "a~2Fb",
+        "a.b",
+        "a~2Eb",
+        "...",
     ]
     escaped = [escape_name(n) for n in names]
     assert len(set(escaped)) == len(names)
@@ -144,7 +153,8 @@ def test_longest_allowed_names_escape():
     assert escape_name(plain) == plain
     escaped = escape_name("/" * (MAX_COMPONENT_BYTES // 3))
     assert len(escaped) == 3 * (MAX_COMPONENT_BYTES // 3)
-    assert validate_key(escaped) == escaped
+    key = f"{escaped}/{ATTRIBUTES}/{plain}"
+    assert validate_key(key) == key
 
 
 def test_non_string_names_raise_invalid_key():
@@ -200,7 +210,11 @@ def test_keys_built_from_escaped_names_validate(path_names, attribute):
         "a\\b",
         "a\x00b",
         "a b",
-        "a.b",
+        ".a",
+        "a.",
+        "zarr.json",
+        "a/_COMMIT",
+        "object_graph.msgpack",
         "a/~zz",
         "a/~2f",  # escapes are upper-case hex
         "a/~2",
@@ -210,9 +224,27 @@ def test_keys_built_from_escaped_names_validate(path_names, attribute):
     ],
 )
 def test_validate_key_rejects_unsafe_keys(key):
-    with pytest.raises(InvalidKeyError) as info:
+    # Bare, and as the object path of an otherwise well-formed attribute key.
+    for candidate in (key, f"{key}/{ATTRIBUTES}/VARIABLE_VALUE"):
+        with pytest.raises(InvalidKeyError) as info:
+            validate_key(candidate)
+        assert isinstance(info.value, ZarrckptError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("key", ["a/b/c", "a/.ATTRIBUTES", ".ATTRIBUTES/x/y", "a/.OPTIMIZER_SLOT"])
+def test_validate_key_requires_an_attribute_suffix(key):
+    with pytest.raises(InvalidKeyError, match="does not end in"):
         validate_key(key)
-    assert isinstance(info.value, ZarrckptError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("name", "escaped"),
+    [("zarr.json", "~7Aarr.json"), ("_COMMIT", "~5FCOMMIT"),
+     ("object_graph.msgpack", "~6Fbject_graph.msgpack")],
+)
+def test_names_of_checkpoint_files_are_escaped(name, escaped):
+    assert escape_name(name) == escaped
+    assert unescape_name(escaped) == name
 
 
 @pytest.mark.parametrize("key", [None, 3, b"a/b", ["a"]])
@@ -227,8 +259,9 @@ def test_validate_key_rejects_non_strings(key):
         "a/.ATTRIBUTES/VARIABLE_VALUE",
         ".ATTRIBUTES/VARIABLE_VALUE",
         "m/k/.OPTIMIZER_SLOT/opt/m/.ATTRIBUTES/VARIABLE_VALUE",
-        "~/~2E~2E/a~2Fb",  # "~" alone is the escaped empty name
-        "a-b_c/0/1",
+        "~/~2E~2E/a~2Fb/.ATTRIBUTES/x",  # "~" alone is the escaped empty name
+        "a-b_c/0/.ATTRIBUTES/1",
+        "layers.0.mlp/.ATTRIBUTES/VARIABLE_VALUE",
     ],
 )
 def test_validate_key_accepts_well_formed_keys(key):

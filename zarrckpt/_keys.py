@@ -5,12 +5,17 @@ variable, ``<variable path>/.OPTIMIZER_SLOT/<optimizer path>/<slot>/.ATTRIBUTES/
 <attribute>``), TensorFlow's layout. The key is also the array's path inside the
 Zarr group, so every component must be a safe file and Zarr node name.
 
-Escaping: a name made only of ``[A-Za-z0-9_-]`` that does not start with ``__``
-(reserved by Zarr v3) stays as it is; any other character is written as ``~XX``
-for each byte of its UTF-8 form, and the empty name is ``~``. Escaped names
-never contain ``/`` or ``.``, so no component can be empty, ``.``, ``..``, or
-collide with the reserved ``.ATTRIBUTES`` / ``.OPTIMIZER_SLOT`` components, and
-the mapping is injective (``~`` itself is escaped).
+Escaping: the characters ``[A-Za-z0-9_-]`` stay as they are, and so does ``.``
+except as the first or last character (so ``layers.3.weight`` reads as
+itself); every other character, a leading or trailing ``.``, and the first
+``_`` of a leading ``__`` (reserved by Zarr v3) are written as ``~XX`` for each
+byte of their UTF-8 form; the empty name is ``~``. Escaped names never contain
+``/`` and never start or end with ``.``, so no component can be empty, ``.``,
+``..``, or collide with the reserved ``.ATTRIBUTES`` / ``.OPTIMIZER_SLOT``
+components (nor lose a trailing dot on Windows), and the mapping is injective
+(``~`` itself is escaped). Names equal to the checkpoint's own file names
+(``zarr.json``, ``_COMMIT``, ``object_graph.msgpack``) get their first
+character escaped.
 """
 
 from __future__ import annotations
@@ -32,32 +37,40 @@ __all__ = [
 ATTRIBUTES = ".ATTRIBUTES"
 OPTIMIZER_SLOT = ".OPTIMIZER_SLOT"
 RESERVED_COMPONENTS = frozenset({ATTRIBUTES, OPTIMIZER_SLOT})
+# File names the checkpoint itself uses; a dependency so named would clash with them.
+RESERVED_FILE_NAMES = frozenset({"zarr.json", "_COMMIT", "object_graph.msgpack"})
 
 # Well under the 255-byte file name limit of common filesystems.
 MAX_COMPONENT_BYTES = 200
 MAX_KEY_BYTES = 4096
 
-_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPED_COMPONENT = re.compile(r"(?:[A-Za-z0-9_-]|~[0-9A-F]{2})+|~")
+_PLAIN_EDGE = r"(?:[A-Za-z0-9_-]|~[0-9A-F]{2})"
+_PLAIN_INNER = r"(?:[A-Za-z0-9_.-]|~[0-9A-F]{2})"
+_PLAIN = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
+_ESCAPED_COMPONENT = re.compile(rf"{_PLAIN_EDGE}(?:{_PLAIN_INNER}*{_PLAIN_EDGE})?|~")
 
 
 def escape_name(name: str) -> str:
     """Escape one dependency or attribute name into a safe key component.
 
-    >>> escape_name("dense_1"), escape_name("a/b"), escape_name("")
-    ('dense_1', 'a~2Fb', '~')
+    >>> escape_name("dense_1"), escape_name("layers.0"), escape_name("a/b"), escape_name("..")
+    ('dense_1', 'layers.0', 'a~2Fb', '~2E~2E')
     """
     if not isinstance(name, str):
         raise InvalidKeyError(f"dependency names must be str, got {type(name).__name__}: {name!r}")
     if name == "":
         return "~"
-    if _PLAIN.fullmatch(name) and not name.startswith("__"):
+    if name in RESERVED_FILE_NAMES:
+        escaped = f"~{ord(name[0]):02X}{name[1:]}"
+    elif _PLAIN.fullmatch(name) and not name.startswith("__"):
         escaped = name
     else:
         out: list[str] = []
         for index, char in enumerate(name):
             leading_underscore = index == 0 and name.startswith("__")
-            if _PLAIN.fullmatch(char) is not None and not leading_underscore:
+            edge_dot = char == "." and index in (0, len(name) - 1)
+            plain = char == "." or _PLAIN.fullmatch(char) is not None
+            if plain and not leading_underscore and not edge_dot:
                 out.append(char)
                 continue
             try:
@@ -110,20 +123,28 @@ def slot_variable_path(variable_path: str, optimizer_path: str, slot_name: str) 
 def validate_key(key: object, *, where: str = "checkpoint") -> str:
     """Check a key read from a checkpoint; return it or raise :class:`InvalidKeyError`.
 
-    A valid key is relative, has no empty, ``.`` or ``..`` components, and every
-    component is either a reserved one or a well-formed escaped name.
+    A valid key is relative, ends in ``.ATTRIBUTES/<name>``, has no empty,
+    ``.`` or ``..`` components, and every component is either a reserved one or
+    a well-formed escaped name.
     """
     if not isinstance(key, str):
         raise InvalidKeyError(f"{where}: key must be a string, found {type(key).__name__}")
     if not key or len(key.encode()) > MAX_KEY_BYTES:
         raise InvalidKeyError(f"{where}: key {key[:80]!r} is empty or longer than {MAX_KEY_BYTES}")
-    for component in key.split("/"):
+    components = key.split("/")
+    if len(components) < 2 or components[-2] != ATTRIBUTES:
+        raise InvalidKeyError(f"{where}: key {key!r} does not end in {ATTRIBUTES}/<name>")
+    for component in components:
         if component in RESERVED_COMPONENTS:
             continue
-        if not _ESCAPED_COMPONENT.fullmatch(component) or component.startswith("__"):
+        if (
+            not _ESCAPED_COMPONENT.fullmatch(component)
+            or component.startswith("__")
+            or component in RESERVED_FILE_NAMES
+        ):
             raise InvalidKeyError(
                 f"{where}: key {key!r} has an invalid component {component!r} "
-                "(empty, '.', '..', absolute, or characters outside [A-Za-z0-9_~-])"
+                "(empty, '.', '..', absolute, or characters outside [A-Za-z0-9_.~-], or a leading/trailing '.')"
             )
         if len(component.encode()) > MAX_COMPONENT_BYTES:
             raise InvalidKeyError(f"{where}: key {key!r} has a component over 200 bytes")

@@ -144,7 +144,8 @@ def validate_key(key: object, *, where: str = "checkpoint") -> str:
         ):
             raise InvalidKeyError(
                 f"{where}: key {key!r} has an invalid component {component!r} "
-                "(empty, '.', '..', absolute, or characters outside [A-Za-z0-9_.~-], or a leading/trailing '.')"
+                "(empty, '.' or '..', absolute, a reserved file name, a leading or "
+                "trailing '.', or characters outside [A-Za-z0-9_.~-])"
             )
         if len(component.encode()) > MAX_COMPONENT_BYTES:
             raise InvalidKeyError(f"{where}: key {key!r} has a component over 200 bytes")

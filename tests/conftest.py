@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 import zarrckpt as zc
+from zarrckpt._dtypes import dtype_from_name
 
 
 class Dense(zc.AutoTrackable):
@@ -52,3 +55,13 @@ def model_variables(model: Model) -> list[zc.Variable]:
 @pytest.fixture
 def model() -> Model:
     return Model(seed=0)
+
+
+def random_array(dtype_name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random values of any supported dtype; float types get random bit patterns (NaNs too)."""
+    dtype = dtype_from_name(dtype_name)
+    rng = np.random.default_rng(seed)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    raw = rng.integers(0, 256, size=math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)

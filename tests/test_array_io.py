@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import zarrckpt as zc
+from tests.conftest import random_array
 from zarrckpt import array_io
 from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES, dtype_from_name
 from zarrckpt._storage import LocalStorage
@@ -21,15 +22,6 @@ from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkE
 
 KEY = "holder/value/.ATTRIBUTES/VARIABLE_VALUE"
 
-
-def random_array(dtype_name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Random values of any supported dtype; float types get random bit patterns (NaNs too)."""
-    dtype = dtype_from_name(dtype_name)
-    rng = np.random.default_rng(seed)
-    if dtype == np.bool_:
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    raw = rng.integers(0, 256, size=math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-    return raw.view(dtype).reshape(shape)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -15,10 +15,10 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 import zarrckpt as zc
-from tests.conftest import Adam, Model, model_variables
+from tests.conftest import Adam, Model, model_variables, random_array
 from zarrckpt import array_io
 from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, TEMP_MARKER, LocalCommit
-from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES, dtype_from_name
+from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES
 from zarrckpt._graph import build_save_plan
 from zarrckpt._storage import LocalStorage
 from zarrckpt.errors import CheckpointExistsError, CheckpointNotFoundError
@@ -28,14 +28,6 @@ from zarrckpt.trackable import SaveableValue, SaveContext
 # zarr warns that _COMMIT and object_graph.msgpack are not Zarr nodes; they are not meant to be.
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
-
-def random_array(dtype_name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    dtype = dtype_from_name(dtype_name)
-    rng = np.random.default_rng(seed)
-    if dtype == np.bool_:
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    raw = rng.integers(0, 256, size=math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-    return raw.view(dtype).reshape(shape)
 
 
 def bits(a: np.ndarray) -> bytes:

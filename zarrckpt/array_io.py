@@ -151,6 +151,12 @@ def _chunk_bytes(array: np.ndarray[Any, Any], region: tuple[slice, ...]) -> np.n
     return block.reshape(-1).view(np.uint8)
 
 
+def _chunk_crc(data: memoryview, padding: bytes | bytearray) -> int:
+    """CRC32C of a chunk's values followed by its zero padding."""
+    checksum: int = crc32c.crc32c(data)
+    return crc32c.crc32c(padding, value=checksum) if padding else checksum
+
+
 @dataclass
 class ChunkFile:
     """One chunk file written: its key, its size and the CRC32C of the whole file."""
@@ -170,9 +176,7 @@ def _write_chunk(
 ) -> ChunkFile:
     data = _chunk_bytes(array, region).data
     padding = bytes(layout.chunk_nbytes - data.nbytes)
-    checksum = crc32c.crc32c(data)
-    if padding:
-        checksum = crc32c.crc32c(padding, value=checksum)
+    checksum = _chunk_crc(data, padding)
     trailer = checksum.to_bytes(_CRC_BYTES, "little")
     name = chunk_key(key, coords)
     storage.write(name, [data, padding, trailer])
@@ -289,9 +293,7 @@ def _read_chunk(
         ) from None
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"chunk {coords} of {key!r}: {exc}") from None
-    checksum = crc32c.crc32c(data)
-    if padding:
-        checksum = crc32c.crc32c(padding, value=checksum)
+    checksum = _chunk_crc(data, padding)
     stored = int.from_bytes(trailer, "little")
     if checksum != stored:
         raise ChecksumError(

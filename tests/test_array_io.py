@@ -17,7 +17,10 @@ from tests.conftest import random_array
 from zarrckpt import array_io
 from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES, dtype_from_name
 from zarrckpt._storage import LocalStorage
-from zarrckpt.array_io import DEFAULT_CHUNK_BYTES, ArrayLayout
+from zarrckpt.array_io import ArrayLayout
+from zarrckpt.options import CheckpointOptions
+
+DEFAULT_CHUNK_BYTES = CheckpointOptions().chunk_bytes
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
 
 KEY = "holder/value/.ATTRIBUTES/VARIABLE_VALUE"
@@ -341,7 +344,7 @@ def test_many_chunks_round_trip(tmp_path, threads):
     arrays = {
         key: random_array(d, s, seed=i) for i, (key, (d, s)) in enumerate(MANY_CHUNKS.items())
     }
-    files = array_io.write_arrays(storage, list(arrays.items()), chunk_bytes=48, threads=threads)
+    files = array_io.write_arrays(storage, list(arrays.items()), options=CheckpointOptions(chunk_bytes=48, threads=threads))
     by_key = {f.key: f for f in files}
     for key, value in arrays.items():
         layout = array_io.read_layout(storage, key)
@@ -359,7 +362,7 @@ def test_many_chunks_round_trip(tmp_path, threads):
             record = by_key[f"{key}/c/{rel}"]
             assert (record.size, record.crc32c) == (len(data), crc32c.crc32c(data))
         out = random_array(MANY_CHUNKS[key][0], value.shape, seed=99)
-        array_io.read_arrays(storage, [(key, layout, out)], threads=threads)
+        array_io.read_arrays(storage, [(key, layout, out)], CheckpointOptions(threads=threads))
         assert same_bits(out, value), key
     # Metadata of every array and of every group above one is listed too.
     assert {"a/zarr.json", "a/.ATTRIBUTES/zarr.json", "c/.ATTRIBUTES/bool/zarr.json"} <= set(by_key)
@@ -371,7 +374,7 @@ def test_many_chunks_round_trip(tmp_path, threads):
 def test_chunk_file_holds_little_endian_rows_zero_padding_and_crc(tmp_path):
     storage = _storage(tmp_path)
     value = np.arange(10 * 3, dtype=">i4").reshape(10, 3)  # big-endian source
-    array_io.write_arrays(storage, [("x", value)], chunk_bytes=48)  # 4 rows per chunk
+    array_io.write_arrays(storage, [("x", value)], CheckpointOptions(chunk_bytes=48))  # 4 rows per chunk
     layout = array_io.read_layout(storage, "x")
     assert layout.chunk_shape == (4, 3) and layout.grid == (3, 1)
     edge = Path(os.path.join(storage.root, "x", "c", "2", "0")).read_bytes()
@@ -383,7 +386,7 @@ def test_chunk_file_holds_little_endian_rows_zero_padding_and_crc(tmp_path):
 def test_all_zero_array_has_every_chunk_file(tmp_path):
     storage = _storage(tmp_path)
     zeros = np.zeros((50, 4), np.float32)
-    array_io.write_arrays(storage, [("z", zeros), ("s", np.zeros((), np.int64))], chunk_bytes=32)
+    array_io.write_arrays(storage, [("z", zeros), ("s", np.zeros((), np.int64))], CheckpointOptions(chunk_bytes=32))
     layout = array_io.read_layout(storage, "z")
     assert layout.grid == (25, 1)
     names = _chunk_files(storage.root, "z")
@@ -440,7 +443,7 @@ def test_missing_chunk_raises_missing_chunk_error_naming_key_and_chunk(tmp_path)
 def test_missing_chunk_among_many(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("float64", (40, 3), seed=5)
-    array_io.write_arrays(storage, [("k/.ATTRIBUTES/v", value)], chunk_bytes=48)
+    array_io.write_arrays(storage, [("k/.ATTRIBUTES/v", value)], CheckpointOptions(chunk_bytes=48))
     os.remove(os.path.join(storage.root, "k/.ATTRIBUTES/v", "c", "7", "0"))
     layout = array_io.read_layout(storage, "k/.ATTRIBUTES/v")
     with pytest.raises(MissingChunkError) as info:
@@ -473,7 +476,7 @@ def test_flipped_byte_raises_checksum_error_naming_key_and_chunk(tmp_path, posit
 def test_flipped_byte_in_edge_chunk_padding_raises_checksum_error(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("int32", (10, 3), seed=6)
-    array_io.write_arrays(storage, [("p", value)], chunk_bytes=48)
+    array_io.write_arrays(storage, [("p", value)], CheckpointOptions(chunk_bytes=48))
     chunk = os.path.join(storage.root, "p", "c", "2", "0")
     data = bytearray(Path(chunk).read_bytes())
     data[-5] ^= 0x01  # last padding byte: rows 10 and 11 do not exist
@@ -550,7 +553,7 @@ def test_array_metadata_zarrckpt_did_not_write_is_rejected(tmp_path, edit):
 def test_read_into_non_contiguous_destinations(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("float32", (30, 4), seed=7)
-    array_io.write_arrays(storage, [("v", value)], chunk_bytes=40)
+    array_io.write_arrays(storage, [("v", value)], CheckpointOptions(chunk_bytes=40))
     layout = array_io.read_layout(storage, "v")
     assert math.prod(layout.grid) >= 10
 

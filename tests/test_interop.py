@@ -15,6 +15,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 import zarrckpt as zc
+from zarrckpt.options import CheckpointOptions
 from tests.conftest import Adam, Model, model_variables, random_array
 from zarrckpt import array_io
 from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, TEMP_MARKER, LocalCommit
@@ -160,7 +161,7 @@ def test_multi_chunk_files_match_zarr_byte_for_byte(tmp_path, dtype_name, shape)
     storage = LocalStorage(str(tmp_path / "ours"), fsync=False)
     os.makedirs(storage.root)
     value = random_array(dtype_name, shape, seed=11)
-    array_io.write_arrays(storage, [("v", value)], chunk_bytes=40)
+    array_io.write_arrays(storage, [("v", value)], CheckpointOptions(chunk_bytes=40))
     layout = array_io.read_layout(storage, "v")
     assert math.prod(layout.grid) > 2
     assert any(s % c for s, c in zip(shape, layout.chunk_shape, strict=True))  # padded edge
@@ -214,7 +215,7 @@ def test_tensorstore_reads_every_dtype(tmp_path, dtype_name):
     storage = LocalStorage(str(tmp_path / "s"), fsync=False)
     os.makedirs(storage.root)
     value = random_array(dtype_name, (23, 3), seed=5)
-    array_io.write_arrays(storage, [("v", value)], chunk_bytes=64)
+    array_io.write_arrays(storage, [("v", value)], CheckpointOptions(chunk_bytes=64))
     stored = _tensorstore_read(os.path.join(storage.root, "v"))
     assert stored.shape == value.shape
     assert bits(stored) == bits(value)

@@ -16,8 +16,10 @@ plain ``zarr.open_array`` reads them.
 from zarrckpt._dtypes import register_ml_dtypes as _register_ml_dtypes
 from zarrckpt._graph import list_objects
 from zarrckpt.checkpoint import Checkpoint, CheckpointLoadStatus, InitializationOnlyStatus
+from zarrckpt.codecs import BloscLZ4, Compression, Zstd
 from zarrckpt.containers import Dict, List
 from zarrckpt.optimizer import Optimizer
+from zarrckpt.options import CheckpointOptions
 from zarrckpt.python_state import NumpyState, PythonState
 from zarrckpt.record import ObjectGraph
 from zarrckpt.trackable import AutoTrackable, NoDependency, Trackable
@@ -37,11 +39,14 @@ CheckpointableObjectGraph = ObjectGraph
 
 __all__ = [
     "AutoTrackable",
+    "BloscLZ4",
     "Checkpoint",
     "CheckpointLoadStatus",
+    "CheckpointOptions",
     "Checkpointable",
     "CheckpointableBase",
     "CheckpointableObjectGraph",
+    "Compression",
     "Dict",
     "InitializationOnlyStatus",
     "List",
@@ -55,6 +60,7 @@ __all__ = [
     "Trackable",
     "UniqueNameTracker",
     "Variable",
+    "Zstd",
     "__version__",
     "capture_dependencies",
     "list_objects",

@@ -2,25 +2,32 @@
 
 Each saved value is one Zarr v3 array. zarr produces the metadata bytes
 (``zarr.json``); the chunk files are written and read here, byte for byte what
-zarr itself would write with the codecs ``bytes(little) -> crc32c``: the
-chunk's little-endian bytes, edge chunks padded with zeros to the full chunk
-size, then the CRC32C of all of it, 4 bytes little-endian.
+zarr itself would write with the codecs ``bytes(little) [-> compressor] ->
+crc32c``: the chunk's little-endian bytes (edge chunks padded with zeros to the
+full chunk size), optionally compressed, then the CRC32C of all of it, 4 bytes
+little-endian.
 
 Chunks split an array along its leading axes only (``(1, ..., 1, rows, full,
 ..., full)``), so every chunk is one contiguous run of the array's memory in C
 order: saving writes straight from the live buffer and restoring reads
 straight into it, with no intermediate copy for C-contiguous little-endian
-arrays. Every chunk is written, all-zero ones too, and a missing chunk is an
-error, never zeros.
+arrays stored raw. Every chunk is written, all-zero ones too, and a missing
+chunk is an error, never zeros.
+
+Chunk tasks run in a thread pool under a :class:`ByteBudget`: a task starts
+only when its chunk's bytes fit in the in-flight budget, so the memory a save
+or restore adds is bounded whatever the model size.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -33,35 +40,42 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from zarrckpt._dtypes import dtype_from_name, dtype_name, zarr_dtype
 from zarrckpt._storage import Storage
+from zarrckpt.codecs import Compression, compression_from_metadata
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
+from zarrckpt.options import CheckpointOptions
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES",
-    "DEFAULT_THREADS",
     "ArrayLayout",
+    "ByteBudget",
+    "ChunkFile",
+    "IOStats",
     "group_metadata",
     "read_arrays",
     "read_layout",
     "write_arrays",
 ]
 
-DEFAULT_CHUNK_BYTES = 32 << 20
-DEFAULT_THREADS = 8
 _CRC_BYTES = 4
 _MAX_METADATA_BYTES = 1 << 20
+_CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 
 
 @dataclass(frozen=True)
 class ArrayLayout:
-    """Shape, dtype and chunk shape of one stored array."""
+    """Shape, dtype, chunk shape and compressor of one stored array."""
 
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     chunk_shape: tuple[int, ...]
+    compression: Compression | None = None
 
     @classmethod
     def plan(
-        cls, shape: tuple[int, ...], dtype: np.dtype[Any], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        cls,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        chunk_bytes: int = CheckpointOptions.chunk_bytes,
+        compression: Compression | None = None,
     ) -> ArrayLayout:
         """Chunks of at most ``chunk_bytes`` (where possible) split along the leading axes only.
 
@@ -82,7 +96,7 @@ class ArrayLayout:
             chunk.append(max(1, math.ceil(size / count)))
             chunk.extend(max(1, s) for s in shape[axis + 1 :])
             break
-        return cls(tuple(shape), dtype, tuple(chunk))
+        return cls(tuple(shape), dtype, tuple(chunk), compression)
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -91,7 +105,7 @@ class ArrayLayout:
 
     @property
     def chunk_nbytes(self) -> int:
-        """Bytes of one (padded) chunk before the checksum."""
+        """Bytes of one (padded) chunk before compression and checksum."""
         return math.prod(self.chunk_shape) * self.dtype.itemsize
 
     def is_contiguous_runs(self) -> bool:
@@ -109,21 +123,27 @@ class ArrayLayout:
     def chunks(self) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
         """Every chunk's grid coordinates and its region of the array."""
         for coords in np.ndindex(*self.grid):
-            region = tuple(
-                slice(i * c, min((i + 1) * c, s))
-                for i, c, s in zip(coords, self.chunk_shape, self.shape, strict=True)
-            )
-            yield coords, region
+            yield coords, self.region(coords)
+
+    def region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        """The part of the array that chunk ``coords`` holds."""
+        return tuple(
+            slice(i * c, min((i + 1) * c, s))
+            for i, c, s in zip(coords, self.chunk_shape, self.shape, strict=True)
+        )
 
     def metadata(self) -> bytes:
         """The array's ``zarr.json``, as zarr writes it."""
+        compressors = (
+            [] if self.compression is None else [self.compression.zarr_codec(self.dtype.itemsize)]
+        )
         metadata = ArrayV3Metadata(
             shape=self.shape,
             data_type=zarr_dtype(self.dtype),
             chunk_grid={"name": "regular", "configuration": {"chunk_shape": self.chunk_shape}},
             chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
             fill_value=0,
-            codecs=[BytesCodec(endian="little"), Crc32cCodec()],
+            codecs=[BytesCodec(endian="little"), *compressors, Crc32cCodec()],
             attributes={},
             dimension_names=None,
         )
@@ -141,6 +161,107 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
     return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
+@dataclass
+class ChunkFile:
+    """One file written: its key, its size and the CRC32C of the whole file."""
+
+    key: str
+    size: int
+    crc32c: int
+
+
+# Budget and task runner --------------------------------------------------------
+
+
+class ByteBudget:
+    """Admits work while the bytes in flight stay within ``capacity``.
+
+    ``peak`` is the most bytes ever admitted at once; a test can read it to
+    prove the bound. A single request larger than the capacity is admitted
+    alone (counted as the whole capacity) so it cannot deadlock.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_flight = 0
+        self.peak = 0
+        self._condition = threading.Condition()
+
+    def acquire(self, nbytes: int) -> int:
+        """Block until ``nbytes`` fit; return the amount to release later."""
+        amount = min(nbytes, self.capacity)
+        with self._condition:
+            while self.in_flight + amount > self.capacity:
+                self._condition.wait()
+            self.in_flight += amount
+            self.peak = max(self.peak, self.in_flight)
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._condition:
+            self.in_flight -= amount
+            self._condition.notify_all()
+
+
+@dataclass
+class IOStats:
+    """What one save or restore moved: bytes, files, peak bytes in flight, seconds."""
+
+    nbytes: int = 0
+    files: int = 0
+    peak_inflight_bytes: int = 0
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.nbytes += nbytes
+            self.files += 1
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second."""
+        return self.nbytes / self.seconds if self.seconds > 0 else 0.0
+
+
+_Task = tuple[int, Callable[[], Any]]  # (bytes in flight while it runs, work)
+
+
+def _run(tasks: list[_Task], options: CheckpointOptions, stats: IOStats) -> list[Any]:
+    """Run tasks on a thread pool, admitting each only when its bytes fit the budget.
+
+    The first error stops further admissions; it is raised once running tasks end.
+    """
+    budget = ByteBudget(options.inflight_bytes)
+    start = time.perf_counter()
+
+    def admitted(amount: int, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        finally:
+            budget.release(amount)
+
+    futures: list[Future[Any]] = []
+    with ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="zarrckpt-io") as pool:
+        for cost, work in tasks:
+            if any(f.done() and f.exception() is not None for f in futures[-options.threads :]):
+                break
+            amount = budget.acquire(cost)
+            futures.append(pool.submit(admitted, amount, work))
+    stats.seconds += time.perf_counter() - start
+    stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, budget.peak)
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
+    if len(futures) != len(tasks):  # pragma: no cover - an error above always raises first
+        raise RuntimeError("chunk I/O stopped early without an error")
+    return [future.result() for future in futures]
+
+
+# Writing ------------------------------------------------------------------------
+
+
 def _little_endian(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
 
@@ -151,19 +272,10 @@ def _chunk_bytes(array: np.ndarray[Any, Any], region: tuple[slice, ...]) -> np.n
     return block.reshape(-1).view(np.uint8)
 
 
-def _chunk_crc(data: memoryview, padding: bytes | bytearray) -> int:
-    """CRC32C of a chunk's values followed by its zero padding."""
+def _chunk_crc(data: memoryview | bytes, padding: bytes | bytearray = b"") -> int:
+    """CRC32C of a chunk's stored bytes (values then zero padding)."""
     checksum: int = crc32c.crc32c(data)
     return crc32c.crc32c(padding, value=checksum) if padding else checksum
-
-
-@dataclass
-class ChunkFile:
-    """One chunk file written: its key, its size and the CRC32C of the whole file."""
-
-    key: str
-    size: int
-    crc32c: int
 
 
 def _write_chunk(
@@ -172,59 +284,78 @@ def _write_chunk(
     layout: ArrayLayout,
     array: np.ndarray[Any, Any],
     coords: tuple[int, ...],
-    region: tuple[slice, ...],
+    stats: IOStats,
 ) -> ChunkFile:
-    data = _chunk_bytes(array, region).data
+    data = _chunk_bytes(array, layout.region(coords)).data
     padding = bytes(layout.chunk_nbytes - data.nbytes)
+    if layout.compression is not None:
+        raw = memoryview(bytes(data) + padding) if padding else data
+        data = memoryview(layout.compression.encode(raw, layout.dtype.itemsize))
+        padding = b""
     checksum = _chunk_crc(data, padding)
     trailer = checksum.to_bytes(_CRC_BYTES, "little")
     name = chunk_key(key, coords)
     storage.write(name, [data, padding, trailer])
-    file_crc = crc32c.crc32c(trailer, value=checksum)
-    return ChunkFile(name, layout.chunk_nbytes + _CRC_BYTES, file_crc)
+    size = data.nbytes + len(padding) + _CRC_BYTES
+    stats.add(size)
+    return ChunkFile(name, size, crc32c.crc32c(trailer, value=checksum))
+
+
+def _write_file(storage: Storage, key: str, data: bytes, stats: IOStats) -> ChunkFile:
+    storage.write(key, [data])
+    stats.add(len(data))
+    return ChunkFile(key, len(data), crc32c.crc32c(data))
 
 
 def write_arrays(
     storage: Storage,
     arrays: Iterable[tuple[str, np.ndarray[Any, Any]]],
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    threads: int = DEFAULT_THREADS,
+    options: CheckpointOptions | None = None,
+    stats: IOStats | None = None,
 ) -> list[ChunkFile]:
     """Write each ``(key, array)`` as a Zarr array at ``key``; return every file written.
 
-    Metadata of the array and of every group above it is written too.
+    The write plan (each array's chunk grid and compressor, then the chunk
+    tasks in key order) is made before any byte is written. Metadata of every
+    array and of every group above it is written too.
     """
-    tasks: list[Callable[[], ChunkFile]] = []
+    options = options or CheckpointOptions()
+    stats = stats if stats is not None else IOStats()
+    tasks: list[_Task] = []
     groups: set[str] = set()
     for key, array in arrays:
-        layout = ArrayLayout.plan(tuple(array.shape), array.dtype.newbyteorder("="), chunk_bytes)
+        layout = ArrayLayout.plan(
+            tuple(array.shape),
+            array.dtype.newbyteorder("="),
+            options.chunk_bytes,
+            options.compression_for(key),
+        )
         metadata = layout.metadata()
-        tasks.append(partial(_write_file, storage, f"{key}/zarr.json", metadata))
-        for coords, region in layout.chunks():
-            tasks.append(partial(_write_chunk, storage, key, layout, array, coords, region))
+        tasks.append(
+            (len(metadata), partial(_write_file, storage, f"{key}/zarr.json", metadata, stats))
+        )
+        # A compressed chunk holds its padded copy and its encoding at once.
+        cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
+        for coords in np.ndindex(*layout.grid):
+            tasks.append((cost, partial(_write_chunk, storage, key, layout, array, coords, stats)))
         parts = key.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
     group_json = group_metadata()
     for group in sorted(groups):
-        tasks.append(partial(_write_file, storage, f"{group}/zarr.json", group_json))
-    return _run(tasks, threads)
+        tasks.append(
+            (
+                len(group_json),
+                partial(_write_file, storage, f"{group}/zarr.json", group_json, stats),
+            )
+        )
+    return _run(tasks, options, stats)
 
 
-def _write_file(storage: Storage, key: str, data: bytes) -> ChunkFile:
-    storage.write(key, [data])
-    return ChunkFile(key, len(data), crc32c.crc32c(data))
-
-
-def _run(tasks: list[Callable[[], Any]], threads: int) -> list[Any]:
-    if threads <= 1 or len(tasks) <= 1:
-        return [task() for task in tasks]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zarrckpt-io") as pool:
-        return list(pool.map(lambda task: task(), tasks))
+# Reading ------------------------------------------------------------------------
 
 
 def read_layout(storage: Storage, key: str) -> ArrayLayout:
-    """Parse and check an array's ``zarr.json``; only the layout zarrckpt writes is accepted."""
+    """Parse and check an array's ``zarr.json``; only layouts zarrckpt writes are accepted."""
     where = f"{storage.url}/{key}/zarr.json"
     try:
         raw = storage.read(f"{key}/zarr.json")
@@ -236,31 +367,39 @@ def read_layout(storage: Storage, key: str) -> ArrayLayout:
         doc = json.loads(raw)
         shape = tuple(int(d) for d in doc["shape"])
         chunk_shape = tuple(int(d) for d in doc["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = doc["codecs"]
+        names = [c["name"] for c in codecs]
         ok = (
             doc["zarr_format"] == 3
             and doc["node_type"] == "array"
             and doc["chunk_grid"]["name"] == "regular"
             and doc["chunk_key_encoding"]
             == {"name": "default", "configuration": {"separator": "/"}}
-            and [c["name"] for c in doc["codecs"]] == ["bytes", "crc32c"]
-            and doc["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+            and len(names) in (2, 3)
+            and names[0] == "bytes"
+            and names[-1] == "crc32c"
+            and codecs[0].get("configuration", {}).get("endian", "little") == "little"
             and not doc.get("storage_transformers")
         )
         data_type = doc["data_type"]
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CorruptCheckpointError(f"{where}: malformed array metadata ({exc!r})") from exc
-    if not isinstance(data_type, str):
-        raise CorruptCheckpointError(f"{where}: data_type {data_type!r} is not supported")
-    layout = ArrayLayout(shape, dtype_from_name(data_type), chunk_shape)
+    if not ok or not isinstance(data_type, str):
+        raise CorruptCheckpointError(
+            f"{where}: array layout is not one zarrckpt format 1 writes "
+            "(regular grid split along leading axes, codecs bytes(little) [+ zstd or "
+            "blosc lz4] + crc32c)"
+        )
+    compression = compression_from_metadata(codecs[1], where) if len(codecs) == 3 else None
+    layout = ArrayLayout(shape, dtype_from_name(data_type), chunk_shape, compression)
     if (
-        not ok
-        or len(chunk_shape) != len(shape)
+        len(chunk_shape) != len(shape)
         or any(c < 1 for c in chunk_shape)
         or not layout.is_contiguous_runs()
     ):
         raise CorruptCheckpointError(
-            f"{where}: array layout is not one zarrckpt format 1 writes "
-            "(regular grid split along leading axes, codecs bytes(little) + crc32c)"
+            f"{where}: chunk shape {chunk_shape} of shape {shape} is not split along "
+            "leading axes only"
         )
     return layout
 
@@ -271,54 +410,70 @@ def _read_chunk(
     layout: ArrayLayout,
     out: np.ndarray[Any, Any],
     coords: tuple[int, ...],
-    region: tuple[slice, ...],
     direct: bool,
+    stats: IOStats,
 ) -> None:
     name = chunk_key(key, coords)
+    where = f"{storage.url}/{name}: chunk {coords} of {key!r}"
+    region = layout.region(coords)
     valid = math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
-    trailer = bytearray(_CRC_BYTES)
-    if direct:
-        # The chunk's region is one contiguous run of ``out``: read into it.
-        flat = out.reshape(-1).view(np.uint8)
+    padded = valid != layout.chunk_nbytes
+    # A compressed edge chunk decodes to its padded size, more than its region.
+    in_place = direct and not (layout.compression is not None and padded)
+    if in_place:
+        # The chunk's region is one contiguous run of ``out``: fill it there.
         start = sum(r.start * stride for r, stride in zip(region, out.strides, strict=True))
-        data = flat[start : start + valid].data
+        target = out.reshape(-1).view(np.uint8)[start : start + valid].data
     else:
-        data = np.empty(valid, np.uint8).data
-    padding = bytearray(layout.chunk_nbytes - valid)
+        target = np.empty(layout.chunk_nbytes if layout.compression else valid, np.uint8).data
     try:
-        storage.read_into(name, [data, memoryview(padding), memoryview(trailer)])
+        if layout.compression is None:
+            padding = bytearray(layout.chunk_nbytes - valid)
+            trailer_buffer = bytearray(_CRC_BYTES)
+            storage.read_into(name, [target, memoryview(padding), memoryview(trailer_buffer)])
+            trailer = memoryview(trailer_buffer)
+            checksum = _chunk_crc(target, padding)
+            size = layout.chunk_nbytes + _CRC_BYTES
+        else:
+            whole = memoryview(storage.read(name))
+            if len(whole) < _CRC_BYTES:
+                raise CorruptCheckpointError(f"{where}: file has {len(whole)} bytes")
+            encoded, trailer = whole[:-_CRC_BYTES], whole[-_CRC_BYTES:]
+            checksum = _chunk_crc(encoded)
+            size = len(whole)
     except FileNotFoundError:
-        raise MissingChunkError(
-            f"{storage.url}/{name}: chunk {coords} of {key!r} is missing"
-        ) from None
+        raise MissingChunkError(f"{where} is missing") from None
     except CorruptCheckpointError as exc:
-        raise CorruptCheckpointError(f"chunk {coords} of {key!r}: {exc}") from None
-    checksum = _chunk_crc(data, padding)
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
     stored = int.from_bytes(trailer, "little")
     if checksum != stored:
         raise ChecksumError(
-            f"{storage.url}/{name}: chunk {coords} of {key!r} is corrupt "
-            f"(stored CRC32C {stored:#010x}, computed {checksum:#010x})"
+            f"{where} is corrupt (stored CRC32C {stored:#010x}, computed {checksum:#010x})"
         )
-    if not direct:
-        shape = tuple(r.stop - r.start for r in region)
-        values = np.frombuffer(data, dtype=_little_endian(layout.dtype)).reshape(shape)
-        out[region] = values
+    if layout.compression is not None:
+        layout.compression.decode_checked(encoded, target, where)
+    stats.add(size)
+    if not in_place:
+        count = valid // layout.dtype.itemsize
+        values = np.frombuffer(target, dtype=_little_endian(layout.dtype), count=count)
+        out[region] = values.reshape(tuple(r.stop - r.start for r in region))
 
 
 def read_arrays(
     storage: Storage,
     targets: Iterable[tuple[str, ArrayLayout, np.ndarray[Any, Any]]],
-    *,
-    threads: int = DEFAULT_THREADS,
-) -> None:
+    options: CheckpointOptions | None = None,
+    stats: IOStats | None = None,
+) -> IOStats:
     """Read each stored array ``key`` (with ``layout``) into ``out``, verifying every chunk.
 
     ``out`` must have the layout's shape; when it is C-contiguous and its
     dtype is the stored little-endian dtype, chunks are read straight into
     its memory.
     """
-    tasks: list[Callable[[], None]] = []
+    options = options or CheckpointOptions()
+    stats = stats if stats is not None else IOStats()
+    tasks: list[_Task] = []
     for key, layout, out in targets:
         if tuple(out.shape) != layout.shape:
             raise CorruptCheckpointError(
@@ -330,6 +485,10 @@ def read_arrays(
                 f"record says {dtype_name(out.dtype)}"
             )
         direct = bool(out.flags.c_contiguous) and out.dtype == _little_endian(out.dtype)
-        for coords, region in layout.chunks():
-            tasks.append(partial(_read_chunk, storage, key, layout, out, coords, region, direct))
-    _run(tasks, threads)
+        cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
+        for coords in np.ndindex(*layout.grid):
+            tasks.append(
+                (cost, partial(_read_chunk, storage, key, layout, out, coords, direct, stats))
+            )
+    _run(tasks, options, stats)
+    return stats

@@ -29,6 +29,7 @@ from zarrckpt._storage import is_local
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.errors import MatchError, UnmatchedValuesWarning, ZarrckptError
 from zarrckpt.optimizer import Optimizer
+from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import SavedAttribute, SlotVariableReference
 from zarrckpt.trackable import AutoTrackable, SaveableValue, Trackable
 from zarrckpt.variable import Variable
@@ -75,11 +76,20 @@ class Checkpoint(AutoTrackable):
             self._track_trackable(counter, SAVE_COUNTER)
         return counter
 
-    def write(self, path: PathLike, *, storage_options: dict[str, Any] | None = None) -> str:
+    def write(
+        self,
+        path: PathLike,
+        *,
+        options: CheckpointOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> str:
         """Write a committed checkpoint at ``path``; ``save_counter`` is not incremented.
 
         Returns ``path``. Refuses to write over an existing checkpoint.
+        ``options`` tunes chunking, parallelism, the in-flight byte budget and
+        compression; what the write moved is in :attr:`last_write_stats`.
         """
+        options = options or CheckpointOptions()
         plan = build_save_plan(self)
         fs, root = resolve_path(path, storage_options)
         if not is_local(fs):
@@ -87,29 +97,51 @@ class Checkpoint(AutoTrackable):
                 f"{path}: only local paths are supported so far; fsspec URLs come with the "
                 "object-store commit protocol"
             )
-        commit = LocalCommit(root)
+        commit = LocalCommit(root, fsync=options.fsync)
         storage = commit.create()
+        stats = array_io.IOStats()
         try:
-            files = array_io.write_arrays(storage, plan.arrays)
+            files = array_io.write_arrays(storage, plan.arrays, options, stats)
             commit.finalize(plan.graph.encode(), files)
         except BaseException:
             commit.abort()
             raise
+        object.__setattr__(self, "_zc_last_write_stats", stats)
         return os.fspath(path)
 
-    def save(self, file_prefix: PathLike, *, storage_options: dict[str, Any] | None = None) -> str:
+    @property
+    def last_write_stats(self) -> array_io.IOStats | None:
+        """Bytes, files, peak in-flight bytes and seconds of the last write or save."""
+        stats: array_io.IOStats | None = self.__dict__.get("_zc_last_write_stats")
+        return stats
+
+    def save(
+        self,
+        file_prefix: PathLike,
+        *,
+        options: CheckpointOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> str:
         """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path."""
         counter = self._create_save_counter()
         counter.assign_add(1)
         number = int(counter.numpy())
         try:
-            return self.write(f"{os.fspath(file_prefix)}-{number}", storage_options=storage_options)
+            return self.write(
+                f"{os.fspath(file_prefix)}-{number}",
+                options=options,
+                storage_options=storage_options,
+            )
         except BaseException:
             counter.assign_sub(1)
             raise
 
     def read(
-        self, path: PathLike, *, storage_options: dict[str, Any] | None = None
+        self,
+        path: PathLike,
+        *,
+        options: CheckpointOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> CheckpointLoadStatus:
         """Restore values from the checkpoint at ``path`` into the live objects.
 
@@ -121,7 +153,7 @@ class Checkpoint(AutoTrackable):
         root_children = {c.name for c in checkpoint.graph.nodes[0].children}
         if SAVE_COUNTER in root_children:
             self._create_save_counter()
-        session = RestoreSession(checkpoint)
+        session = RestoreSession(checkpoint, options or CheckpointOptions())
         try:
             session.restore_root(self)
         except BaseException:
@@ -130,12 +162,16 @@ class Checkpoint(AutoTrackable):
         return CheckpointLoadStatus(session, self)
 
     def restore(
-        self, path: PathLike | None, *, storage_options: dict[str, Any] | None = None
+        self,
+        path: PathLike | None,
+        *,
+        options: CheckpointOptions | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Like :meth:`read`; ``None`` restores nothing and returns a status that says so."""
         if path is None:
             return InitializationOnlyStatus(self)
-        return self.read(path, storage_options=storage_options)
+        return self.read(path, options=options, storage_options=storage_options)
 
     def __repr__(self) -> str:
         names = [name for name, _ in self._checkpoint_dependencies()]
@@ -177,8 +213,10 @@ _Transfer = tuple[SavedAttribute, SaveableValue, np.ndarray[Any, Any]]
 class RestoreSession:
     """Matches one checkpoint's nodes to live objects, now and as objects appear."""
 
-    def __init__(self, checkpoint: CommittedCheckpoint) -> None:
+    def __init__(self, checkpoint: CommittedCheckpoint, options: CheckpointOptions) -> None:
         self.checkpoint = checkpoint
+        self.options = options
+        self.io_stats = array_io.IOStats()
         self.graph = checkpoint.graph
         self._matched: dict[int, weakref.ref[Trackable]] = {}
         self._matched_objects: dict[int, int] = {}  # id(obj) -> node id
@@ -291,7 +329,7 @@ class RestoreSession:
         for attribute, _, destination in transfers:
             layout = array_io.read_layout(storage, attribute.key)
             targets.append((attribute.key, layout, destination))
-        array_io.read_arrays(storage, targets)
+        array_io.read_arrays(storage, targets, self.options, self.io_stats)
         for attribute, saveable, destination in transfers:
             saveable.commit(destination)
             self.progress.restored_keys.add(attribute.key)
@@ -372,6 +410,11 @@ class CheckpointLoadStatus:
             f"nothing in checkpoint {session.progress.checkpoint_url} matched an object "
             "other than the root"
         )
+
+    @property
+    def io_stats(self) -> array_io.IOStats:
+        """Bytes, files, peak in-flight bytes and seconds read so far (deferred reads too)."""
+        return self._session.io_stats
 
     def expect_partial(self) -> Self:
         """Silence the warning about saved values left unused."""

@@ -29,8 +29,12 @@ def wrap_container(value: Any) -> Any:
     return value
 
 
-def _unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, NoDependency) else wrap_tracked_value(value)
+def _unwrap(value: Any) -> tuple[Any, bool]:
+    """The value to store, and whether it is a dependency (NoDependency: stored untracked)."""
+    if isinstance(value, NoDependency):
+        return value.value, False
+    value = wrap_tracked_value(value)
+    return value, isinstance(value, Trackable)
 
 
 class List(Trackable, MutableSequence[Any]):
@@ -48,11 +52,21 @@ class List(Trackable, MutableSequence[Any]):
 
     def __init__(self, values: Iterable[Any] = ()) -> None:
         self._storage: list[Any] = []
+        self._untracked: set[int] = set()  # ids of elements stored through NoDependency
         self._non_append_mutation: str | None = None
         self.extend(values)
 
+    def _is_dependency(self, value: Any) -> bool:
+        return isinstance(value, Trackable) and id(value) not in self._untracked
+
     def _holds_trackable(self, *extra: Any) -> bool:
-        return any(isinstance(v, Trackable) for v in (*self._storage, *extra))
+        return any(self._is_dependency(v) for v in (*self._storage, *extra))
+
+    def _store(self, value: Any) -> Any:
+        value, tracked = _unwrap(value)
+        if not tracked and isinstance(value, Trackable):
+            self._untracked.add(id(value))
+        return value
 
     def _mark_mutated(self, operation: str, *extra: Any) -> None:
         if self._holds_trackable(*extra) and self._non_append_mutation is None:
@@ -62,16 +76,16 @@ class List(Trackable, MutableSequence[Any]):
         state = self._zc_tracking
         state.dependencies.clear()
         for index, value in enumerate(self._storage):
-            if isinstance(value, Trackable):
+            if self._is_dependency(value):
                 state.dependencies[str(index)] = value
 
     # Appending -------------------------------------------------------------
 
     def append(self, value: Any) -> None:
-        value = _unwrap(value)
+        value = self._store(value)
         index = len(self._storage)
         self._storage.append(value)
-        if isinstance(value, Trackable):
+        if self._is_dependency(value):
             try:
                 self._track_trackable(value, str(index))
             except BaseException:
@@ -94,11 +108,11 @@ class List(Trackable, MutableSequence[Any]):
     def __setitem__(self, index: slice, value: Iterable[Any]) -> None: ...
     def __setitem__(self, index: SupportsIndex | slice, value: Any) -> None:
         if isinstance(index, slice):
-            new = [_unwrap(v) for v in value]
+            new = [self._store(v) for v in value]
             self._mark_mutated("slice assignment", *new)
             self._storage[index] = new
         else:
-            new_value = _unwrap(value)
+            new_value = self._store(value)
             if self._storage[index] is not new_value:
                 self._mark_mutated("item replacement", new_value)
             self._storage[index] = new_value
@@ -110,10 +124,10 @@ class List(Trackable, MutableSequence[Any]):
         self._retrack()
 
     def insert(self, index: SupportsIndex, value: Any) -> None:
-        value = _unwrap(value)
         if int(index) >= len(self._storage):
             self.append(value)
             return
+        value = self._store(value)
         self._mark_mutated("insert", value)
         self._storage.insert(index, value)
         self._retrack()
@@ -177,8 +191,8 @@ class Dict(Trackable, MutableMapping[Any, Any]):
         self.update(*args, **kwargs)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        value = _unwrap(value)
-        if isinstance(value, Trackable):
+        value, tracked = _unwrap(value)
+        if tracked:
             if not isinstance(key, str):
                 raise DependencyNameError(
                     f"Dict keys of trackable values must be str (they name the dependency); "

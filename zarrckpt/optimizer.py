@@ -55,8 +55,7 @@ class Optimizer(AutoTrackable):
         """
         if not isinstance(slot_name, str) or not slot_name:
             raise DependencyNameError(f"slot names must be non-empty str, got {slot_name!r}")
-        table = self._zc_slots.setdefault(slot_name, {})
-        existing = table.get(id(var))
+        existing = self._zc_slots.get(slot_name, {}).get(id(var))
         if existing is not None:
             return existing[1]
         if initial_value is None:
@@ -68,15 +67,13 @@ class Optimizer(AutoTrackable):
         else:
             value = initial_value
         slot = Variable(value)
-        table[id(var)] = (var, slot)
-        pending = self._zc_deferred_slots.pop((slot_name, id(var)), [])
-        try:
-            for restorer, node_id in pending:
-                restorer.restore_deferred(node_id, slot)
-        except BaseException:
-            del table[id(var)]
-            self._zc_deferred_slots[(slot_name, id(var))] = pending
-            raise
+        # Saved values restore into the slot before it is registered: if that
+        # fails (say a shape mismatch), the optimizer is left as it was.
+        pending = self._zc_deferred_slots.get((slot_name, id(var)), [])
+        for restorer, node_id in pending:
+            restorer.restore_deferred(node_id, slot)
+        self._zc_deferred_slots.pop((slot_name, id(var)), None)
+        self._zc_slots.setdefault(slot_name, {})[id(var)] = (var, slot)
         return slot
 
     def get_slot(self, var: Trackable, slot_name: str) -> Variable:

@@ -1,0 +1,61 @@
+"""CheckpointOptions: how a save or restore uses the disk, the network and memory."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from zarrckpt.codecs import Compression
+
+__all__ = ["CheckpointOptions"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Tuning for one save or restore; pass as ``options=`` (TensorFlow's name).
+
+    Attributes:
+        chunk_bytes: target size of one chunk (chunks split leading axes only).
+        threads: chunk reads/writes running at once.
+        inflight_bytes: at most this many chunk bytes are being read, written
+            or encoded at once, which bounds the extra memory of a save or
+            restore whatever the model size (a chunk larger than the budget
+            runs alone).
+        fsync: make every file durable before the checkpoint is committed.
+        compression: ``{key pattern: Compression}``; the first ``fnmatch``
+            pattern matching an array's key picks its compressor. None by
+            default: float data gains little and pays time.
+
+    Example:
+        >>> opts = CheckpointOptions(inflight_bytes=64 << 20,
+        ...                          compression={"*embedding*": Zstd(level=3)})
+        >>> ckpt.save(prefix, options=opts)
+    """
+
+    chunk_bytes: int = 32 * MiB
+    threads: int = 8
+    inflight_bytes: int = 256 * MiB
+    fsync: bool = True
+    compression: Mapping[str, Compression] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "threads", "inflight_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CheckpointOptions.{name} must be a positive int, got {value!r}")
+        for pattern, codec in self.compression.items():
+            if not isinstance(pattern, str) or not isinstance(codec, Compression):
+                raise TypeError(
+                    f"CheckpointOptions.compression maps key patterns to Compression objects "
+                    f"(Zstd(), BloscLZ4()); got {pattern!r}: {codec!r}"
+                )
+
+    def compression_for(self, key: str) -> Compression | None:
+        """The compressor for the array at ``key`` (None: stored raw)."""
+        for pattern, codec in self.compression.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                return codec
+        return None

@@ -18,13 +18,12 @@ from zarrckpt import array_io
 from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES, dtype_from_name
 from zarrckpt._storage import LocalStorage
 from zarrckpt.array_io import ArrayLayout
+from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
 from zarrckpt.options import CheckpointOptions
 
 DEFAULT_CHUNK_BYTES = CheckpointOptions().chunk_bytes
-from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
 
 KEY = "holder/value/.ATTRIBUTES/VARIABLE_VALUE"
-
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -344,7 +343,9 @@ def test_many_chunks_round_trip(tmp_path, threads):
     arrays = {
         key: random_array(d, s, seed=i) for i, (key, (d, s)) in enumerate(MANY_CHUNKS.items())
     }
-    files = array_io.write_arrays(storage, list(arrays.items()), options=CheckpointOptions(chunk_bytes=48, threads=threads))
+    files = array_io.write_arrays(
+        storage, list(arrays.items()), options=CheckpointOptions(chunk_bytes=48, threads=threads)
+    )
     by_key = {f.key: f for f in files}
     for key, value in arrays.items():
         layout = array_io.read_layout(storage, key)
@@ -374,7 +375,9 @@ def test_many_chunks_round_trip(tmp_path, threads):
 def test_chunk_file_holds_little_endian_rows_zero_padding_and_crc(tmp_path):
     storage = _storage(tmp_path)
     value = np.arange(10 * 3, dtype=">i4").reshape(10, 3)  # big-endian source
-    array_io.write_arrays(storage, [("x", value)], CheckpointOptions(chunk_bytes=48))  # 4 rows per chunk
+    array_io.write_arrays(
+        storage, [("x", value)], CheckpointOptions(chunk_bytes=48)
+    )  # 4 rows per chunk
     layout = array_io.read_layout(storage, "x")
     assert layout.chunk_shape == (4, 3) and layout.grid == (3, 1)
     edge = Path(os.path.join(storage.root, "x", "c", "2", "0")).read_bytes()
@@ -386,7 +389,9 @@ def test_chunk_file_holds_little_endian_rows_zero_padding_and_crc(tmp_path):
 def test_all_zero_array_has_every_chunk_file(tmp_path):
     storage = _storage(tmp_path)
     zeros = np.zeros((50, 4), np.float32)
-    array_io.write_arrays(storage, [("z", zeros), ("s", np.zeros((), np.int64))], CheckpointOptions(chunk_bytes=32))
+    array_io.write_arrays(
+        storage, [("z", zeros), ("s", np.zeros((), np.int64))], CheckpointOptions(chunk_bytes=32)
+    )
     layout = array_io.read_layout(storage, "z")
     assert layout.grid == (25, 1)
     names = _chunk_files(storage.root, "z")

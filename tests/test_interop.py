@@ -15,7 +15,6 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 import zarrckpt as zc
-from zarrckpt.options import CheckpointOptions
 from tests.conftest import Adam, Model, model_variables, random_array
 from zarrckpt import array_io
 from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, TEMP_MARKER, LocalCommit
@@ -23,12 +22,12 @@ from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES
 from zarrckpt._graph import build_save_plan
 from zarrckpt._storage import LocalStorage
 from zarrckpt.errors import CheckpointExistsError, CheckpointNotFoundError
+from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import ObjectGraph
 from zarrckpt.trackable import SaveableValue, SaveContext
 
 # zarr warns that _COMMIT and object_graph.msgpack are not Zarr nodes; they are not meant to be.
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
-
 
 
 def bits(a: np.ndarray) -> bytes:

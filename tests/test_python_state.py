@@ -348,3 +348,12 @@ def test_numpy_state_unsupported_array_dtype_raises() -> None:
     state = zc.NumpyState()
     with pytest.raises(UnsupportedDTypeError):
         state.names = np.array(["a", "b"])
+
+
+def test_python_state_without_serialize_cannot_be_created() -> None:
+    class Incomplete(zc.PythonState):
+        def deserialize(self, data: bytes) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()  # type: ignore[abstract]

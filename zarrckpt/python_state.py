@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ class _PythonStateValue(SaveableValue):
         self._owner.deserialize(array.tobytes())
 
 
-class PythonState(Trackable):
+class PythonState(Trackable, metaclass=ABCMeta):
     """Mixin for objects whose state is Python data, saved as bytes.
 
     Subclasses implement :meth:`serialize` and :meth:`deserialize`; the bytes

@@ -1,0 +1,305 @@
+"""The storage engine: in-flight byte budget, I/O stats, compression and its guards."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import crc32c
+import numcodecs
+import numpy as np
+import pytest
+import tensorstore
+import zarr
+
+import zarrckpt as zc
+from zarrckpt import array_io
+from zarrckpt._storage import LocalStorage
+from zarrckpt.array_io import ByteBudget
+from zarrckpt.errors import ChecksumError, CorruptCheckpointError
+
+KiB, MiB = 1 << 10, 1 << 20
+
+# zarr warns that _COMMIT and object_graph.msgpack are not Zarr nodes; they are not meant to be.
+pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
+
+
+def _chunk_files(path: Path, key: str) -> list[Path]:
+    return sorted(p for p in (path / key / "c").rglob("*") if p.is_file())
+
+
+# ByteBudget ----------------------------------------------------------------------
+
+
+def test_budget_blocks_until_bytes_are_released():
+    budget = ByteBudget(100)
+    first = budget.acquire(60)
+    admitted = threading.Event()
+
+    def second() -> None:
+        budget.release(budget.acquire(60))
+        admitted.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not admitted.wait(0.2)  # 60 + 60 > 100: must wait
+    budget.release(first)
+    assert admitted.wait(5)
+    thread.join()
+    assert budget.peak == 60 and budget.in_flight == 0
+
+
+def test_budget_admits_an_oversized_request_alone():
+    budget = ByteBudget(100)
+    amount = budget.acquire(10_000)
+    assert amount == 100 and budget.in_flight == 100
+    budget.release(amount)
+    assert budget.in_flight == 0
+
+
+# Budget during real saves and restores ------------------------------------------
+
+
+def _big_model(rows: int = 512) -> zc.AutoTrackable:
+    model = zc.AutoTrackable()
+    rng = np.random.default_rng(0)
+    model.a = zc.Variable(rng.standard_normal((rows, 1024)).astype(np.float32))  # 2 MiB
+    model.b = zc.Variable(rng.standard_normal((rows // 2, 1024)).astype(np.float32))
+    model.c = zc.Variable(rng.integers(0, 9, (3, 5)).astype(np.int8))
+    return model
+
+
+@pytest.mark.parametrize("budget", [64 * KiB, 256 * KiB, 1 * MiB])
+def test_save_and_restore_stay_within_the_inflight_budget(tmp_path, budget):
+    options = zc.CheckpointOptions(chunk_bytes=64 * KiB, threads=8, inflight_bytes=budget)
+    model = _big_model()
+    ckpt = zc.Checkpoint(model=model)
+    path = ckpt.write(tmp_path / "c", options=options)
+    stats = ckpt.last_write_stats
+    assert stats is not None
+    assert 64 * KiB <= stats.peak_inflight_bytes <= budget
+    on_disk = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    assert stats.nbytes == on_disk - sum(
+        (Path(path) / name).stat().st_size
+        for name in ("_COMMIT", "object_graph.msgpack", "zarr.json")
+    )
+    assert len(_chunk_files(Path(path), "model/a/.ATTRIBUTES/VARIABLE_VALUE")) == 32
+
+    fresh = _big_model()
+    for var in (fresh.a, fresh.b):
+        var.assign(np.zeros(var.shape))
+    status = zc.Checkpoint(model=fresh).read(path, options=options)
+    status.assert_consumed()
+    assert 64 * KiB <= status.io_stats.peak_inflight_bytes <= budget
+    assert status.io_stats.files == 32 + 16 + 1
+    np.testing.assert_array_equal(fresh.a.numpy(), model.a.numpy())
+    np.testing.assert_array_equal(fresh.b.numpy(), model.b.numpy())
+
+
+def _traced_peak(action) -> int:
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_restore_into_non_contiguous_memory_is_bounded_by_the_budget(tmp_path):
+    # A Fortran-ordered destination cannot take chunks in place: every chunk goes
+    # through a temporary buffer, so the budget is what bounds the extra memory.
+    state = zc.NumpyState()
+    state.table = np.asfortranarray(np.random.default_rng(1).standard_normal((4096, 1024)))
+    path = zc.Checkpoint(state=state).write(
+        tmp_path / "c", options=zc.CheckpointOptions(chunk_bytes=1 * MiB)
+    )
+    expected = np.array(state.table)
+    state.table[...] = 0
+    bounded = zc.CheckpointOptions(threads=8, inflight_bytes=2 * MiB)
+
+    peak = _traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=bounded))
+    np.testing.assert_array_equal(state.table, expected)
+    assert peak < 4 * MiB, peak  # the model is 32 MiB; chunks are 1 MiB; budget 2 MiB
+
+    unbounded = zc.CheckpointOptions(threads=8, inflight_bytes=1 << 40)
+    state.table[...] = 0
+    loose_peak = _traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=unbounded))
+    assert loose_peak > peak  # without the budget, 8 threads hold 8 chunks
+
+
+class _FailingStorage(LocalStorage):
+    """A real local storage whose Nth write fails with ENOSPC."""
+
+    def __init__(self, root: str, fail_at: int) -> None:
+        super().__init__(root, fsync=False)
+        self.fail_at = fail_at
+        self.writes = 0
+        self._count_lock = threading.Lock()
+
+    def write(self, key, parts):
+        with self._count_lock:
+            self.writes += 1
+            number = self.writes
+        if number == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        time.sleep(0.001)
+        super().write(key, parts)
+
+
+def test_a_failed_chunk_write_stops_further_work_and_raises(tmp_path):
+    storage = _FailingStorage(str(tmp_path / "s"), fail_at=3)
+    os.makedirs(storage.root)
+    arrays = [(f"v{i}/.ATTRIBUTES/x", np.full((64, 64), i, np.float32)) for i in range(50)]
+    options = zc.CheckpointOptions(chunk_bytes=1 * KiB, threads=2, inflight_bytes=2 * KiB)
+    with pytest.raises(OSError, match="No space left"):
+        array_io.write_arrays(storage, arrays, options)
+    assert storage.writes < 20  # of 50 * 17 files: admission stopped soon after the error
+
+
+def test_options_validate_their_values():
+    with pytest.raises(ValueError, match="inflight_bytes"):
+        zc.CheckpointOptions(inflight_bytes=0)
+    with pytest.raises(ValueError, match="threads"):
+        zc.CheckpointOptions(threads=True)
+    with pytest.raises(TypeError, match="Compression objects"):
+        zc.CheckpointOptions(compression={"*": "zstd"})  # type: ignore[dict-item]
+    options = zc.CheckpointOptions(compression={"a/*": zc.Zstd(), "*": zc.BloscLZ4()})
+    assert options.compression_for("a/x") == zc.Zstd()
+    assert options.compression_for("b/x") == zc.BloscLZ4()
+    assert zc.CheckpointOptions().compression_for("a/x") is None
+
+
+# Compression ----------------------------------------------------------------------
+
+
+def _compressible_model() -> zc.AutoTrackable:
+    import ml_dtypes
+
+    model = zc.AutoTrackable()
+    model.embedding = zc.Variable(
+        (np.arange(300 * 64) % 97).reshape(300, 64).astype(ml_dtypes.bfloat16)
+    )
+    model.dense = zc.Variable(np.tile(np.linspace(0, 1, 50, dtype=np.float32), (123, 1)))
+    model.raw = zc.Variable(np.arange(40, dtype=np.int32))
+    return model
+
+
+COMPRESSED = zc.CheckpointOptions(
+    chunk_bytes=8 * KiB,
+    compression={"*embedding*": zc.BloscLZ4(), "*dense*": zc.Zstd(level=5)},
+)
+KEYS = {name: f"model/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in ("embedding", "dense", "raw")}
+
+
+def test_compressed_arrays_round_trip_and_shrink(tmp_path):
+    model = _compressible_model()
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED))
+    codecs = {
+        name: [c["name"] for c in json.loads((path / key / "zarr.json").read_text())["codecs"]]
+        for name, key in KEYS.items()
+    }
+    assert codecs == {
+        "embedding": ["bytes", "blosc", "crc32c"],
+        "dense": ["bytes", "zstd", "crc32c"],
+        "raw": ["bytes", "crc32c"],
+    }
+    for name in ("embedding", "dense"):
+        stored = sum(p.stat().st_size for p in _chunk_files(path, KEYS[name]))
+        assert stored < getattr(model, name).nbytes / 4
+    fresh = _compressible_model()
+    for name in KEYS:
+        getattr(fresh, name).numpy()[...] = 0
+    zc.Checkpoint(model=fresh).read(path).assert_consumed()
+    for name in KEYS:
+        np.testing.assert_array_equal(getattr(fresh, name).numpy(), getattr(model, name).numpy())
+
+
+def test_plain_zarr_and_tensorstore_read_compressed_arrays(tmp_path):
+    model = _compressible_model()
+    path = zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED)
+    group = zarr.open_group(path, mode="r")
+    for name, key in KEYS.items():
+        expected = getattr(model, name).numpy()
+        np.testing.assert_array_equal(group[key][...], expected)
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{key}"}}
+        values = tensorstore.open(spec).result().read().result()
+        assert values.tobytes() == expected.tobytes()
+
+
+def test_zarr_written_compressed_array_is_read_by_zarrckpt(tmp_path):
+    # Byte compatibility the other way round: zarr encodes, zarrckpt decodes.
+    value = np.tile(np.arange(37, dtype=np.float32), (21, 1))
+    layout = array_io.ArrayLayout.plan(value.shape, value.dtype, 1 * KiB, zc.Zstd(level=2))
+    zarr.create_array(
+        store=str(tmp_path / "v"),
+        shape=value.shape,
+        dtype=value.dtype,
+        chunks=layout.chunk_shape,
+        serializer=zarr.codecs.BytesCodec(endian="little"),
+        compressors=[zarr.codecs.ZstdCodec(level=2), zarr.codecs.Crc32cCodec()],
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )[...] = value
+    storage = LocalStorage(str(tmp_path), fsync=False)
+    read_layout = array_io.read_layout(storage, "v")
+    assert read_layout.compression == zc.Zstd(level=2)
+    out = np.zeros_like(value)
+    array_io.read_arrays(storage, [("v", read_layout, out)])
+    np.testing.assert_array_equal(out, value)
+
+
+def _rewrite_chunk(chunk: Path, body: bytes) -> None:
+    chunk.write_bytes(body + crc32c.crc32c(body).to_bytes(4, "little"))
+
+
+def test_flipped_byte_in_compressed_chunk_is_a_checksum_error(tmp_path):
+    model = _compressible_model()
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED))
+    chunk = _chunk_files(path, KEYS["dense"])[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=r"chunk \(0, 0\) of 'model/dense"):
+        zc.Checkpoint(model=_compressible_model()).read(path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    model = _compressible_model()
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED))
+    chunk = _chunk_files(path, KEYS["dense"])[0]
+    bomb = numcodecs.Zstd(level=19).encode(np.zeros(256 * MiB, np.uint8))
+    assert len(bomb) < 64 * KiB
+    _rewrite_chunk(chunk, bomb)  # a valid CRC: only the size guard can stop it
+
+    def restore() -> None:
+        with pytest.raises(CorruptCheckpointError, match="declares 268435456 decoded bytes"):
+            zc.Checkpoint(model=_compressible_model()).read(path)
+
+    assert _traced_peak(restore) < 16 * MiB
+
+
+def test_zstd_frame_without_declared_size_is_refused(tmp_path):
+    model = _compressible_model()
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED))
+    chunk = _chunk_files(path, KEYS["dense"])[0]
+    # A zstd frame header with no content size field (streaming frame).
+    frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x58]) + b"\x01\x00\x00"
+    _rewrite_chunk(chunk, frame)
+    with pytest.raises(CorruptCheckpointError, match="declares None decoded bytes"):
+        zc.Checkpoint(model=_compressible_model()).read(path)
+
+
+def test_blosc_header_lying_about_its_size_is_refused(tmp_path):
+    model = _compressible_model()
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=COMPRESSED))
+    chunk = _chunk_files(path, KEYS["embedding"])[0]
+    body = bytearray(chunk.read_bytes()[:-4])
+    body[4:8] = (1 << 30).to_bytes(4, "little")  # nbytes: claims 1 GiB
+    _rewrite_chunk(chunk, bytes(body))
+    with pytest.raises(CorruptCheckpointError, match="declares 1073741824 decoded bytes"):
+        zc.Checkpoint(model=_compressible_model()).read(path)

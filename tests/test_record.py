@@ -615,12 +615,13 @@ def test_record_with_valid_but_changed_content_fails_restore(tmp_path):
 
 def _replace_record(path, document: dict) -> None:
     """Write a new record and a manifest whose hash matches it (a forger's checkpoint)."""
+    import dataclasses
     import hashlib
 
     record = _pack(document)
     (path / RECORD_KEY).write_bytes(record)
     manifest = Manifest.decode((path / COMMIT_KEY).read_bytes(), where="test")
-    forged = Manifest(hashlib.sha256(record).hexdigest(), manifest.files, manifest.format)
+    forged = dataclasses.replace(manifest, record_sha256=hashlib.sha256(record).hexdigest())
     (path / COMMIT_KEY).write_bytes(forged.encode())
 
 

@@ -18,6 +18,14 @@ from zarrckpt._graph import list_objects
 from zarrckpt.checkpoint import Checkpoint, CheckpointLoadStatus, InitializationOnlyStatus
 from zarrckpt.codecs import BloscLZ4, Compression, Zstd
 from zarrckpt.containers import Dict, List
+from zarrckpt.directory import (
+    CheckpointInfo,
+    delete_checkpoint,
+    gc,
+    latest_checkpoint,
+    list_checkpoints,
+)
+from zarrckpt.manager import CheckpointManager
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.python_state import NumpyState, PythonState
@@ -25,6 +33,7 @@ from zarrckpt.record import ObjectGraph
 from zarrckpt.trackable import AutoTrackable, NoDependency, Trackable
 from zarrckpt.tracking import UniqueNameTracker, split_dependency
 from zarrckpt.variable import Variable, capture_dependencies
+from zarrckpt.verify import VerifyReport, verify
 
 _register_ml_dtypes()
 
@@ -41,7 +50,9 @@ __all__ = [
     "AutoTrackable",
     "BloscLZ4",
     "Checkpoint",
+    "CheckpointInfo",
     "CheckpointLoadStatus",
+    "CheckpointManager",
     "CheckpointOptions",
     "Checkpointable",
     "CheckpointableBase",
@@ -60,9 +71,15 @@ __all__ = [
     "Trackable",
     "UniqueNameTracker",
     "Variable",
+    "VerifyReport",
     "Zstd",
     "__version__",
     "capture_dependencies",
+    "delete_checkpoint",
+    "gc",
+    "latest_checkpoint",
+    "list_checkpoints",
     "list_objects",
     "split_dependency",
+    "verify",
 ]

@@ -2,25 +2,49 @@
 
 A checkpoint counts as written once its ``_COMMIT`` manifest exists. The
 manifest lists every file with its size and CRC32C plus the record's SHA-256,
-and is written last. On a local filesystem everything is written into a
-temporary sibling directory, fsync'ed (files, then directories), and renamed
-to the final name in one step; the parent directory is fsync'ed after. A crash
-at any moment leaves either no checkpoint at the final path or a whole one.
+and is written last.
+
+- Local filesystems (:class:`LocalCommit`): everything is written into a
+  temporary sibling directory, fsync'ed (files, then directories), and renamed
+  to the final name in one step; the parent directory is fsync'ed after. The
+  checkpoint directory is the Zarr group.
+- Object stores and every other fsspec filesystem (:class:`ObjectStoreCommit`):
+  there is no rename. The data goes under a fresh attempt prefix
+  ``<checkpoint>/<attempt>/`` (itself the Zarr group); then one conditional PUT
+  (``If-None-Match: *``) creates ``<checkpoint>/_COMMIT`` naming the attempt.
+  Two writers can never both win; a retried PUT that finds its own marker is
+  a success.
+
+A crash at any moment leaves either no checkpoint at the final path or a whole
+one; leftovers are removed by :func:`zarrckpt.gc`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import re
 import shutil
+import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import crc32c
+import fsspec
 import msgpack
 
-from zarrckpt._storage import LocalStorage, Storage, check_relative_key, fsync_directory, is_local
+from zarrckpt._storage import (
+    FsspecStorage,
+    LocalStorage,
+    Storage,
+    check_relative_key,
+    fsync_directory,
+    is_local,
+)
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.array_io import ChunkFile, group_metadata
 from zarrckpt.errors import (
@@ -36,8 +60,12 @@ __all__ = [
     "COMMIT_KEY",
     "FORMAT",
     "RECORD_KEY",
+    "Commit",
+    "CommittedCheckpoint",
     "LocalCommit",
     "Manifest",
+    "ObjectStoreCommit",
+    "begin_commit",
     "open_committed",
 ]
 
@@ -45,22 +73,38 @@ FORMAT = 1
 COMMIT_KEY = "_COMMIT"
 RECORD_KEY = "object_graph.msgpack"
 TEMP_MARKER = ".zarrckpt-tmp-"
+DELETING_MARKER = ".zarrckpt-deleting-"
 _MANIFEST_NAME = "zarrckpt.commit"
 _MAX_MANIFEST_BYTES = 256 << 20
+_ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The commit manifest: format, record hash and every file with size and CRC32C."""
+    """The commit manifest: format, where the data is, record hash, every file.
+
+    ``attempt`` is "" when the data is in the checkpoint directory itself
+    (local filesystems), else the attempt prefix holding it (object stores).
+    ``created`` is the commit time (seconds since the epoch).
+    """
 
     record_sha256: str
     files: tuple[ChunkFile, ...]
+    attempt: str = ""
+    created: float = 0.0
     format: int = FORMAT
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the checkpoint's files."""
+        return sum(f.size for f in self.files)
 
     def encode(self) -> bytes:
         document = {
             "format_name": _MANIFEST_NAME,
             "format": self.format,
+            "attempt": self.attempt,
+            "created": self.created,
             "record_sha256": self.record_sha256,
             "files": [[f.key, f.size, f.crc32c] for f in self.files],
         }
@@ -90,8 +134,12 @@ class Manifest:
                 raise FormatVersionError(
                     f"{where}: checkpoint format {version}; this zarrckpt reads format {FORMAT}"
                 )
-            digest = doc["record_sha256"]
-            if not isinstance(digest, str) or len(digest) != 64:
+            attempt, created, digest = doc["attempt"], doc["created"], doc["record_sha256"]
+            if not isinstance(attempt, str) or (attempt and not _ATTEMPT.fullmatch(attempt)):
+                raise ValueError(f"attempt {attempt!r} is not a valid attempt name")
+            if not isinstance(created, float | int) or isinstance(created, bool):
+                raise ValueError("created must be a number")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("record_sha256 must be 64 hex digits")
             files = []
             for item in doc["files"]:
@@ -103,7 +151,7 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise CorruptCheckpointError(f"{where}: malformed commit manifest ({exc})") from exc
-        return cls(record_sha256=digest, files=tuple(files), format=version)
+        return cls(digest, tuple(files), attempt, float(created), version)
 
 
 def root_group_attributes() -> dict[str, Any]:
@@ -111,74 +159,181 @@ def root_group_attributes() -> dict[str, Any]:
     return {"zarrckpt": {"format": FORMAT, "record": RECORD_KEY, "commit": COMMIT_KEY}}
 
 
-class LocalCommit:
-    """A checkpoint being written on a local filesystem: create, write, finalize.
+class Commit(ABC):
+    """A checkpoint being written: ``create()``, write through the storage, ``finalize()``.
 
     Example:
-        >>> commit = LocalCommit("/ckpts/step-10")
+        >>> commit = begin_commit("s3://bucket/run/ckpt-10")
         >>> storage = commit.create()
-        >>> ...  # write every file through storage
-        >>> commit.finalize(record, files)
+        >>> files = write_arrays(storage, arrays)      # every data file
+        >>> commit.finalize(record_bytes, files)       # atomic publish
     """
+
+    url: str
+
+    @abstractmethod
+    def create(self) -> Storage:
+        """Prepare the place the data is written to; refuse if a checkpoint exists."""
+
+    @abstractmethod
+    def publish(self, manifest: Manifest) -> None:
+        """Make the written checkpoint visible, atomically."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove what was written; an existing checkpoint is untouched."""
+
+    @property
+    @abstractmethod
+    def attempt(self) -> str:
+        """The attempt prefix the data goes under ("" for the checkpoint directory)."""
+
+    @property
+    @abstractmethod
+    def storage(self) -> Storage:
+        """The storage data is written to (after :meth:`create`)."""
+
+    def finalize(self, record: bytes, files: list[ChunkFile]) -> Manifest:
+        """Write record and root group metadata, then the manifest, atomically."""
+        storage = self.storage
+        group = group_metadata(root_group_attributes())
+        storage.write(RECORD_KEY, [record])
+        storage.write("zarr.json", [group])
+        prefix = f"{self.attempt}/" if self.attempt else ""
+        every_file = [
+            *files,
+            ChunkFile(RECORD_KEY, len(record), crc32c.crc32c(record)),
+            ChunkFile("zarr.json", len(group), crc32c.crc32c(group)),
+        ]
+        manifest = Manifest(
+            hashlib.sha256(record).hexdigest(),
+            tuple(ChunkFile(prefix + f.key, f.size, f.crc32c) for f in every_file),
+            attempt=self.attempt,
+            created=time.time(),
+        )
+        self.publish(manifest)
+        return manifest
+
+
+class LocalCommit(Commit):
+    """Temporary sibling directory, fsync, ``_COMMIT``, rename, fsync of the parent."""
 
     def __init__(self, path: str, *, fsync: bool = True) -> None:
         self.path = os.path.abspath(path)
+        self.url = self.path
         parent, name = os.path.split(self.path)
         self.parent = parent
         self.temp_path = os.path.join(parent, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
         self.fsync = fsync
-        self.storage: LocalStorage | None = None
+        self._storage: LocalStorage | None = None
+
+    @property
+    def attempt(self) -> str:
+        return ""
+
+    @property
+    def storage(self) -> LocalStorage:
+        if self._storage is None:
+            raise RuntimeError("create() first")
+        return self._storage
 
     def create(self) -> LocalStorage:
-        """Create the temporary directory and return the storage to write into."""
         if os.path.lexists(self.path):
             raise CheckpointExistsError(
                 f"{self.path} already exists; a checkpoint is never written over another"
             )
         os.makedirs(self.parent, exist_ok=True)
         os.mkdir(self.temp_path)
-        self.storage = LocalStorage(self.temp_path, fsync=self.fsync)
-        return self.storage
+        self._storage = LocalStorage(self.temp_path, fsync=self.fsync)
+        return self._storage
 
-    def finalize(self, record: bytes, files: list[ChunkFile]) -> Manifest:
-        """Write record, group metadata and manifest; make durable; publish atomically."""
-        storage = self.storage
-        if storage is None:
-            raise RuntimeError("finalize() before create()")
-        group = group_metadata(root_group_attributes())
-        storage.write(RECORD_KEY, [record])
-        storage.write("zarr.json", [group])
-        files = [
-            *files,
-            ChunkFile(RECORD_KEY, len(record), crc32c.crc32c(record)),
-            ChunkFile("zarr.json", len(group), crc32c.crc32c(group)),
-        ]
-        manifest = Manifest(hashlib.sha256(record).hexdigest(), tuple(files))
-        storage.write(COMMIT_KEY, [manifest.encode()])
-        storage.sync()
+    def publish(self, manifest: Manifest) -> None:
+        self.storage.write(COMMIT_KEY, [manifest.encode()])
+        self.storage.sync()
+        taken = CheckpointExistsError(f"{self.path} was committed by another writer meanwhile")
         if os.path.lexists(self.path):
-            raise CheckpointExistsError(f"{self.path} was created by someone else meanwhile")
-        os.rename(self.temp_path, self.path)
+            raise taken
+        try:
+            # Renaming onto a directory that is not empty fails: a racing writer
+            # that committed first keeps its checkpoint.
+            os.rename(self.temp_path, self.path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise taken from None
+            raise
         if self.fsync:
             fsync_directory(self.parent)
-        return manifest
 
     def abort(self) -> None:
-        """Remove what was written; the final path is untouched."""
         shutil.rmtree(self.temp_path, ignore_errors=True)
+
+
+class ObjectStoreCommit(Commit):
+    """Attempt prefix, then one conditional PUT of ``_COMMIT`` naming it."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = fs.unstrip_protocol(self.root)
+        self._attempt = f"attempt-{uuid.uuid4().hex}"
+        self._storage: FsspecStorage | None = None
+
+    @property
+    def attempt(self) -> str:
+        return self._attempt
+
+    @property
+    def storage(self) -> FsspecStorage:
+        if self._storage is None:
+            raise RuntimeError("create() first")
+        return self._storage
+
+    def create(self) -> FsspecStorage:
+        if self.fs.exists(f"{self.root}/{COMMIT_KEY}"):
+            raise CheckpointExistsError(
+                f"{self.url} already exists; a checkpoint is never written over another"
+            )
+        self._storage = FsspecStorage(self.fs, f"{self.root}/{self._attempt}")
+        return self._storage
+
+    def publish(self, manifest: Manifest) -> None:
+        data = manifest.encode()
+        marker = f"{self.root}/{COMMIT_KEY}"
+        try:
+            self.fs.pipe_file(marker, data, mode="create")
+        except FileExistsError:
+            # A retried PUT whose first try succeeded meets its own marker.
+            if self.fs.cat_file(marker) != data:
+                raise CheckpointExistsError(
+                    f"{self.url}: another writer committed this checkpoint first"
+                ) from None
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(f"{self.root}/{self._attempt}", recursive=True)
+
+
+def begin_commit(
+    path: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    fsync: bool = True,
+) -> Commit:
+    """The commit protocol for ``path``: rename on local disks, conditional PUT elsewhere."""
+    fs, root = resolve_path(path, storage_options)
+    if is_local(fs):
+        return LocalCommit(root, fsync=fsync)
+    return ObjectStoreCommit(fs, root)
 
 
 @dataclass
 class CommittedCheckpoint:
-    """A committed checkpoint opened for reading: its storage, manifest and record."""
+    """A committed checkpoint opened for reading: its data storage, manifest and record."""
 
+    url: str
     storage: Storage
     manifest: Manifest
     graph: ObjectGraph
-
-    @property
-    def url(self) -> str:
-        return self.storage.url
 
 
 def open_committed(
@@ -186,30 +341,31 @@ def open_committed(
 ) -> CommittedCheckpoint:
     """Open the committed checkpoint at ``path``, checking manifest and record."""
     fs, root = resolve_path(path, storage_options)
-    if not is_local(fs):
-        raise ZarrckptError(
-            f"{path}: only local paths are supported so far; fsspec URLs come with the "
-            "object-store commit protocol"
-        )
-    storage = LocalStorage(root, fsync=False)
-    where = storage.url
+    top: Storage = LocalStorage(root, fsync=False) if is_local(fs) else FsspecStorage(fs, root)
+    url = top.url
     try:
-        manifest_bytes = storage.read(COMMIT_KEY)
+        manifest_bytes = top.read(COMMIT_KEY)
     except (FileNotFoundError, NotADirectoryError):
-        if os.path.isdir(root):
+        if fs.isdir(root):
             raise CheckpointNotFoundError(
-                f"{where}: not a committed checkpoint (no {COMMIT_KEY} manifest); it may be "
+                f"{url}: not a committed checkpoint (no {COMMIT_KEY} manifest); it may be "
                 "a save that did not finish"
             ) from None
-        raise CheckpointNotFoundError(f"{where}: no checkpoint at this path") from None
-    manifest = Manifest.decode(manifest_bytes, where=f"{where}/{COMMIT_KEY}")
+        raise CheckpointNotFoundError(f"{url}: no checkpoint at this path") from None
+    manifest = Manifest.decode(manifest_bytes, where=f"{url}/{COMMIT_KEY}")
+    if manifest.attempt:
+        data: Storage = FsspecStorage(fs, f"{root.rstrip('/')}/{manifest.attempt}")
+        if is_local(fs):
+            data = LocalStorage(os.path.join(root, manifest.attempt), fsync=False)
+    else:
+        data = top
     try:
-        record = storage.read(RECORD_KEY)
+        record = data.read(RECORD_KEY)
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{where}: {RECORD_KEY} is missing") from None
+        raise CorruptCheckpointError(f"{data.url}: {RECORD_KEY} is missing") from None
     if hashlib.sha256(record).hexdigest() != manifest.record_sha256:
         raise CorruptCheckpointError(
-            f"{where}/{RECORD_KEY}: SHA-256 does not match the commit manifest"
+            f"{data.url}/{RECORD_KEY}: SHA-256 does not match the commit manifest"
         )
-    graph = ObjectGraph.decode(record, where=f"{where}/{RECORD_KEY}")
-    return CommittedCheckpoint(storage=storage, manifest=manifest, graph=graph)
+    graph = ObjectGraph.decode(record, where=f"{data.url}/{RECORD_KEY}")
+    return CommittedCheckpoint(url=url, storage=data, manifest=manifest, graph=graph)

@@ -224,10 +224,10 @@ class IOStats:
         return self.nbytes / self.seconds if self.seconds > 0 else 0.0
 
 
-_Task = tuple[int, Callable[[], Any]]  # (bytes in flight while it runs, work)
+Task = tuple[int, Callable[[], Any]]  # (bytes in flight while it runs, work)
 
 
-def _run(tasks: list[_Task], options: CheckpointOptions, stats: IOStats) -> list[Any]:
+def run_tasks(tasks: list[Task], options: CheckpointOptions, stats: IOStats) -> list[Any]:
     """Run tasks on a thread pool, admitting each only when its bytes fit the budget.
 
     The first error stops further admissions; it is raised once running tasks end.
@@ -321,7 +321,7 @@ def write_arrays(
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats()
-    tasks: list[_Task] = []
+    tasks: list[Task] = []
     groups: set[str] = set()
     for key, array in arrays:
         layout = ArrayLayout.plan(
@@ -348,7 +348,7 @@ def write_arrays(
                 partial(_write_file, storage, f"{group}/zarr.json", group_json, stats),
             )
         )
-    return _run(tasks, options, stats)
+    return run_tasks(tasks, options, stats)
 
 
 # Reading ------------------------------------------------------------------------
@@ -473,7 +473,7 @@ def read_arrays(
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats()
-    tasks: list[_Task] = []
+    tasks: list[Task] = []
     for key, layout, out in targets:
         if tuple(out.shape) != layout.shape:
             raise CorruptCheckpointError(
@@ -490,5 +490,5 @@ def read_arrays(
             tasks.append(
                 (cost, partial(_read_chunk, storage, key, layout, out, coords, direct, stats))
             )
-    _run(tasks, options, stats)
+    run_tasks(tasks, options, stats)
     return stats

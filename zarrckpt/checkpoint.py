@@ -22,12 +22,10 @@ from typing import Any, Self
 import numpy as np
 
 from zarrckpt import array_io
-from zarrckpt._commit import CommittedCheckpoint, LocalCommit, open_committed
+from zarrckpt._commit import CommittedCheckpoint, begin_commit, open_committed
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._graph import build_save_plan, list_objects
-from zarrckpt._storage import is_local
-from zarrckpt._storage import resolve as resolve_path
-from zarrckpt.errors import MatchError, UnmatchedValuesWarning, ZarrckptError
+from zarrckpt.errors import MatchError, UnmatchedValuesWarning
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import SavedAttribute, SlotVariableReference
@@ -91,13 +89,7 @@ class Checkpoint(AutoTrackable):
         """
         options = options or CheckpointOptions()
         plan = build_save_plan(self)
-        fs, root = resolve_path(path, storage_options)
-        if not is_local(fs):
-            raise ZarrckptError(
-                f"{path}: only local paths are supported so far; fsspec URLs come with the "
-                "object-store commit protocol"
-            )
-        commit = LocalCommit(root, fsync=options.fsync)
+        commit = begin_commit(path, storage_options, fsync=options.fsync)
         storage = commit.create()
         stats = array_io.IOStats()
         try:

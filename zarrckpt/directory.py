@@ -1,0 +1,258 @@
+"""Checkpoints in a directory: listing, the latest, deleting, garbage collection.
+
+The committed checkpoints themselves are the truth: a checkpoint is listed as
+committed only if its ``_COMMIT`` manifest exists and decodes. Works on local
+paths and every fsspec URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import fsspec
+
+from zarrckpt._commit import COMMIT_KEY, DELETING_MARKER, TEMP_MARKER, Manifest
+from zarrckpt._storage import is_local
+from zarrckpt._storage import resolve as resolve_path
+from zarrckpt.errors import ZarrckptError
+
+__all__ = ["CheckpointInfo", "delete_checkpoint", "gc", "latest_checkpoint", "list_checkpoints"]
+
+_NUMBERED = re.compile(r"(?P<name>.+)-(?P<number>\d+)")
+_ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory: where, its number, when, how large, and whether committed.
+
+    ``created`` is the commit time for committed checkpoints and the last
+    modification time otherwise; ``nbytes`` is 0 when not committed.
+    """
+
+    path: str
+    name: str
+    number: int | None
+    created: float
+    nbytes: int
+    committed: bool
+
+    def __str__(self) -> str:
+        when = datetime.fromtimestamp(self.created).isoformat(sep=" ", timespec="seconds")
+        state = "committed" if self.committed else "NOT COMMITTED"
+        return f"{self.path}  {when}  {self.nbytes / (1 << 20):,.1f} MiB  {state}"
+
+
+def _join(fs: fsspec.AbstractFileSystem, root: str, name: str) -> str:
+    return os.path.join(root, name) if is_local(fs) else posixpath.join(root, name)
+
+
+def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if is_local(fs) else str(fs.unstrip_protocol(path))
+
+
+def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, bool]]:
+    """(name, is_directory) of every entry of ``root``; [] if it does not exist."""
+    try:
+        listing = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    return [
+        (posixpath.basename(str(item["name"]).rstrip("/")), item.get("type") == "directory")
+        for item in listing
+    ]
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Manifest | None:
+    marker = _join(fs, path, COMMIT_KEY)
+    try:
+        data = fs.cat_file(marker)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    try:
+        return Manifest.decode(data, where=_display(fs, marker))
+    except ZarrckptError:
+        return None
+
+
+def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    """The newest modification time of anything at or under ``path`` (0 if unknown)."""
+    if is_local(fs):
+        newest = os.stat(path).st_mtime
+        for directory, _, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime)
+        return newest
+    newest = 0.0
+    for info in fs.find(path, detail=True).values():
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
+        if isinstance(stamp, datetime):
+            newest = max(newest, stamp.timestamp())
+        elif isinstance(stamp, int | float):
+            newest = max(newest, float(stamp))
+    return newest
+
+
+def list_checkpoints(
+    directory: PathLike,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    checkpoint_name: str | None = None,
+) -> list[CheckpointInfo]:
+    """Every checkpoint directory in ``directory``, committed or not, oldest first.
+
+    Only directories named ``<name>-<number>`` or holding a ``_COMMIT`` are
+    listed (temporary directories of interrupted saves are not; :func:`gc`
+    removes them). ``checkpoint_name`` keeps only ``<checkpoint_name>-<n>``.
+
+    Example:
+        >>> [c.path for c in list_checkpoints("/ckpts") if c.committed]  # doctest: +SKIP
+        ['/ckpts/ckpt-1', '/ckpts/ckpt-2']
+    """
+    fs, root = resolve_path(directory, storage_options)
+    found = []
+    for name, is_directory in _entries(fs, root):
+        if not is_directory or name.startswith("."):
+            continue
+        numbered = _NUMBERED.fullmatch(name)
+        if checkpoint_name is not None and (not numbered or numbered["name"] != checkpoint_name):
+            continue
+        path = _join(fs, root, name)
+        manifest = _read_manifest(fs, path)
+        if manifest is None and not numbered:
+            continue
+        found.append(
+            CheckpointInfo(
+                path=_display(fs, path),
+                name=name,
+                number=int(numbered["number"]) if numbered else None,
+                created=manifest.created if manifest else _mtime(fs, path),
+                nbytes=manifest.nbytes if manifest else 0,
+                committed=manifest is not None,
+            )
+        )
+    found.sort(key=lambda c: (c.created, c.number if c.number is not None else -1, c.name))
+    return found
+
+
+def latest_checkpoint(
+    directory: PathLike,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    checkpoint_name: str | None = None,
+) -> str | None:
+    """The most recently committed checkpoint in ``directory``, or None.
+
+    Example:
+        >>> ckpt.restore(zarrckpt.latest_checkpoint("s3://bucket/run"))  # doctest: +SKIP
+    """
+    committed = [
+        c
+        for c in list_checkpoints(directory, storage_options, checkpoint_name=checkpoint_name)
+        if c.committed
+    ]
+    return committed[-1].path if committed else None
+
+
+def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a checkpoint: it stops being a checkpoint first, then its data goes.
+
+    Local: renamed out of the way in one step, then removed. Object stores: the
+    ``_COMMIT`` marker is removed first, then every object under the prefix (in
+    batches). A crash part-way leaves garbage for :func:`gc`, never a checkpoint
+    that looks whole.
+    """
+    fs, root = resolve_path(path, storage_options)
+    if is_local(fs):
+        parent, name = os.path.split(root)
+        doomed = os.path.join(parent, f".{name}{DELETING_MARKER}{uuid.uuid4().hex}")
+        try:
+            os.rename(root, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(posixpath.join(root, COMMIT_KEY))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(root, recursive=True)
+
+
+def gc(
+    directory: PathLike,
+    older_than: float = 3600.0,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Remove leftovers of interrupted saves and deletes older than ``older_than`` seconds.
+
+    Leftovers are: temporary and half-deleted directories of local saves,
+    checkpoint directories without a ``_COMMIT``, attempt prefixes of a
+    committed checkpoint other than the one its manifest names (a writer that
+    lost a race or died), and on S3 multipart uploads under ``directory``
+    started before the threshold. A committed checkpoint is never removed.
+    Returns what was removed.
+    """
+    fs, root = resolve_path(directory, storage_options)
+    cutoff = time.time() - older_than
+    removed: list[str] = []
+
+    def remove(path: str) -> None:
+        if _mtime(fs, path) <= cutoff:
+            if is_local(fs):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(path, recursive=True)
+            removed.append(_display(fs, path))
+
+    for name, is_directory in _entries(fs, root):
+        if not is_directory:
+            continue
+        path = _join(fs, root, name)
+        if name.startswith(".") and (TEMP_MARKER in name or DELETING_MARKER in name):
+            remove(path)
+            continue
+        if name.startswith("."):
+            continue
+        manifest = _read_manifest(fs, path)
+        if manifest is None:
+            if _NUMBERED.fullmatch(name) or any(
+                _ATTEMPT.fullmatch(child) for child, _ in _entries(fs, path)
+            ):
+                remove(path)
+            continue
+        for child, child_is_directory in _entries(fs, path):
+            if child_is_directory and _ATTEMPT.fullmatch(child) and child != manifest.attempt:
+                remove(_join(fs, path, child))
+    removed.extend(_abort_stale_uploads(fs, root, cutoff))
+    return removed
+
+
+def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float) -> list[str]:
+    """Abort S3 multipart uploads under ``root`` started before ``cutoff``."""
+    if not hasattr(fs, "list_multipart_uploads"):
+        return []
+    bucket, _, prefix = root.partition("/")
+    aborted = []
+    for upload in fs.list_multipart_uploads(bucket):
+        key = upload.get("Key", "")
+        started = upload.get("Initiated")
+        if not key.startswith(prefix) or not isinstance(started, datetime):
+            continue
+        if started.timestamp() <= cutoff:
+            fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
+            )
+            aborted.append(f"s3://{bucket}/{key} (multipart upload)")
+    return aborted

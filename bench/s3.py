@@ -1,0 +1,157 @@
+"""S3 benchmark: zarrckpt against one s3fs put/get of the same bytes, on a moto server.
+
+    python3 bench/s3.py [--size 512MiB] [--deletes 10]
+
+moto runs in its own process (``moto_server`` on 127.0.0.1, a free port) so it
+does not share this process's GIL. The numbers are moto's, which is CPU-bound
+on this machine (see shared/notes/zarr-3.1-facts.md): compare ratios, not
+MB/s, with real S3.
+
+Measured:
+- save: ``Checkpoint.write`` of a transformer-shaped model (parallel chunk
+  PUTs) versus one ``fs.pipe_file`` of all its bytes as a single object
+  (s3fs multipart with its default concurrency);
+- restore: ``Checkpoint.read`` into live variables versus one ``fs.cat_file``;
+- delete: ``CheckpointManager`` retention removing ``--deletes`` old
+  checkpoints in its background thread (marker first, batched deletes), timed
+  until ``wait()`` returns, plus how long ``save()`` itself took meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from typing import Any
+
+import numpy as np
+import s3fs
+
+import zarrckpt as zc
+from zarrckpt.cli import parse_size
+
+MiB = 1 << 20
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            with closing(socket.create_connection(("127.0.0.1", port), timeout=0.1)):
+                return process, endpoint
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def _model(size: int, seed: int) -> zc.Dict:
+    rng = np.random.default_rng(seed)
+    width = 1024
+    rows = size // (width * 4) // 24
+    arrays = {}
+    for layer in range(8):
+        arrays[f"layers.{layer}.qkv"] = rng.standard_normal((rows * 1, width), np.float32)
+        arrays[f"layers.{layer}.mlp"] = rng.standard_normal((rows * 2, width), np.float32)
+    return zc.Dict({name: zc.Variable(a) for name, a in arrays.items()})
+
+
+def _timed(action: Any) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def _peer_times(fs: s3fs.S3FileSystem, model: zc.Dict) -> tuple[float, float]:
+    """Seconds for one put and one get of all the model's bytes as a single object."""
+    blob = np.concatenate([v.numpy().reshape(-1) for v in model.values()]).tobytes()
+    put = _timed(lambda: fs.pipe_file("bench/blob", blob))
+    got: list[bytes] = []
+    get = _timed(lambda: got.append(fs.cat_file("bench/blob")))
+    if got[0] != blob:
+        raise AssertionError("s3fs get returned other bytes")
+    return put, get
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("512MiB"))
+    parser.add_argument("--deletes", type=int, default=10)
+    args = parser.parse_args(argv)
+    process, endpoint = _start_moto()
+    try:
+        options = {"key": "bench", "secret": "bench", "endpoint_url": endpoint}
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bench")
+        model = _model(args.size, seed=0)
+        nbytes = sum(v.nbytes for v in model.values())
+        print(f"model: {len(model)} arrays, {nbytes / MiB:,.0f} MiB; moto at {endpoint}")
+        put, get = _peer_times(fs, model)
+
+        ckpt = zc.Checkpoint(model=model)
+        save = _timed(lambda: ckpt.write("s3://bench/ckpt", storage_options=options))
+        live = zc.Dict({k: zc.Variable(np.zeros_like(v.numpy())) for k, v in model.items()})
+        restore = _timed(
+            lambda: (
+                zc.Checkpoint(model=live)
+                .read("s3://bench/ckpt", storage_options=options)
+                .assert_consumed()
+            )
+        )
+        assert all(np.array_equal(live[k].numpy(), model[k].numpy()) for k in model)
+        files = ckpt.last_write_stats.files if ckpt.last_write_stats else 0
+
+        small = _model(16 * MiB, seed=1)
+        manager = zc.CheckpointManager(
+            zc.Checkpoint(model=small),
+            "s3://bench/run",
+            max_to_keep=args.deletes + 1,
+            storage_options=options,
+        )
+        for _ in range(args.deletes + 1):
+            manager.save()
+        per_checkpoint = len(fs.find("bench/run/ckpt-1"))
+        manager._max_to_keep = 1  # the next save sweeps the other checkpoints at once
+        save_with_sweep = _timed(manager.save)
+        delete = _timed(manager.wait) + 0.0
+        left = len(zc.list_checkpoints("s3://bench/run", options))
+
+        rows = [
+            ("save", save, put, "one s3fs put (multipart)"),
+            ("restore", restore, get, "one s3fs get"),
+        ]
+        print("\n| operation | zarrckpt s | peer s | zarrckpt / peer | peer | MiB/s |")
+        print("|---|---|---|---|---|---|")
+        for name, ours, peer, what in rows:
+            print(
+                f"| {name} | {ours:.2f} | {peer:.2f} | {ours / peer:.2f} | {what} | "
+                f"{nbytes / MiB / ours:,.0f} |"
+            )
+        print(
+            f"\nsave wrote {files} files; delete of {args.deletes + 1} old checkpoints "
+            f"({per_checkpoint} objects each): save() returned after {save_with_sweep:.2f} s, "
+            f"background deletion finished {delete:.2f} s later; {left} checkpoint(s) left"
+        )
+        return 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

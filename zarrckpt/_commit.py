@@ -289,6 +289,7 @@ class ObjectStoreCommit(Commit):
         return self._storage
 
     def create(self) -> FsspecStorage:
+        self.fs.invalidate_cache(self.root)
         if self.fs.exists(f"{self.root}/{COMMIT_KEY}"):
             raise CheckpointExistsError(
                 f"{self.url} already exists; a checkpoint is never written over another"

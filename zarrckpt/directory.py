@@ -63,6 +63,9 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, bool]]:
     """(name, is_directory) of every entry of ``root``; [] if it does not exist."""
+    # Other processes write here too: never trust a cached listing (s3fs keeps
+    # one per filesystem instance, and fsspec shares instances).
+    fs.invalidate_cache(root)
     try:
         listing = fs.ls(root, detail=True)
     except FileNotFoundError:

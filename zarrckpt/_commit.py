@@ -304,12 +304,29 @@ class ObjectStoreCommit(Commit):
             self.fs.pipe_file(marker, data, mode="create")
         except FileExistsError:
             # A retried PUT whose first try succeeded meets its own marker.
-            if self.fs.cat_file(marker) != data:
+            if self._marker() != data:
                 raise CheckpointExistsError(
                     f"{self.url}: another writer committed this checkpoint first"
                 ) from None
+        except BaseException:
+            # The PUT may have landed although its response was lost.
+            if self._marker() != data:
+                raise
+
+    def _marker(self) -> bytes | None:
+        try:
+            data: bytes = self.fs.cat_file(f"{self.root}/{COMMIT_KEY}")
+        except FileNotFoundError:
+            return None
+        return data
 
     def abort(self) -> None:
+        marker = self._marker()
+        if marker is not None:
+            with contextlib.suppress(ZarrckptError):
+                committed = Manifest.decode(marker, where=self.url)
+                if committed.attempt == self._attempt:
+                    return  # committed after all: the data is the checkpoint's
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(f"{self.root}/{self._attempt}", recursive=True)
 

@@ -9,6 +9,7 @@ import posixpath
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class CheckpointManager:
         self._best_mode = best_mode
         self._last_saved_step: int | None = None
         self._deleting: threading.Thread | None = None
-        self._delete_error: BaseException | None = None
+        self._delete_failures: list[tuple[_Entry, Exception]] = []
         self._entries, self._preserved, self._last_preserved = self._recover()
 
     # State ----------------------------------------------------------------------
@@ -239,14 +240,13 @@ class CheckpointManager:
         except BaseException:
             counter.assign_sub(1)
             raise
-        self.wait()
         entry = _Entry(path, number, time.time(), {k: float(v) for k, v in (metrics or {}).items()})
         self._entries.append(entry)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
-        doomed = self._sweep()
+        self._join_deletions(raise_errors=False)
+        self._delete_in_background(self._sweep())
         self._write_state()
-        self._delete_in_background(doomed)
         return path
 
     def _sweep(self) -> list[_Entry]:
@@ -287,27 +287,52 @@ class CheckpointManager:
     def _delete_in_background(self, doomed: list[_Entry]) -> None:
         if not doomed:
             return
+        failures = self._delete_failures
+
+        def delete(entry: _Entry) -> None:
+            try:
+                delete_checkpoint(entry.path, self._storage_options)
+            except Exception as exc:
+                failures.append((entry, exc))
 
         def run() -> None:
-            try:
-                with ThreadPoolExecutor(max_workers=8) as pool:
-                    list(
-                        pool.map(lambda e: delete_checkpoint(e.path, self._storage_options), doomed)
-                    )
-            except BaseException as exc:  # reported by wait() / the next save
-                self._delete_error = exc
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(delete, doomed))
 
         self._deleting = threading.Thread(target=run, name="zarrckpt-retention", daemon=True)
         self._deleting.start()
 
-    def wait(self) -> None:
-        """Wait for background deletions; raise their error if one failed."""
+    def _join_deletions(self, *, raise_errors: bool) -> None:
+        """Wait for background deletions; checkpoints that failed to go are managed again."""
         if self._deleting is not None:
             self._deleting.join()
             self._deleting = None
-        if self._delete_error is not None:
-            error, self._delete_error = self._delete_error, None
-            raise error
+        if not self._delete_failures:
+            return
+        failures, self._delete_failures[:] = list(self._delete_failures), []
+        still_there = {
+            c.path
+            for c in list_checkpoints(
+                self._directory, self._storage_options, checkpoint_name=self._name
+            )
+            if c.committed
+        }
+        for entry, _ in failures:
+            if entry.path in still_there:
+                self._entries.append(entry)  # retried by the next sweep
+        self._entries.sort(key=lambda e: e.created)
+        message = "; ".join(f"{e.path}: {exc}" for e, exc in failures)
+        if raise_errors:
+            raise failures[0][1]
+        warnings.warn(
+            f"could not delete old checkpoints ({message}); will retry",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def wait(self) -> None:
+        """Wait for background deletions; raise the first error if one failed."""
+        self._join_deletions(raise_errors=True)
 
     def restore_or_initialize(self) -> str | None:
         """Restore the latest checkpoint and return its path, else run ``init_fn``; return None."""

@@ -25,12 +25,12 @@ SEED_NAMES = {
     "PythonStateWrapper",
     "UniqueNameTracker",
     "capture_dependencies",
-    "dot_graph_from_checkpoint",  # arrives with the inspection issue
+    "dot_graph_from_checkpoint",
     "list_objects",
-    "object_metadata",  # arrives with the inspection issue
+    "object_metadata",
     "split_dependency",
 }
-NOT_YET = {"dot_graph_from_checkpoint", "object_metadata"}
+NOT_YET: set[str] = set()
 
 
 def test_all_is_sorted_and_exact():

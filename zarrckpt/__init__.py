@@ -25,6 +25,14 @@ from zarrckpt.directory import (
     latest_checkpoint,
     list_checkpoints,
 )
+from zarrckpt.inspection import (
+    LazyVariable,
+    dot_graph_from_checkpoint,
+    list_variables,
+    load_variable,
+    object_metadata,
+    open_variable,
+)
 from zarrckpt.manager import CheckpointManager
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.options import CheckpointOptions
@@ -60,6 +68,7 @@ __all__ = [
     "Compression",
     "Dict",
     "InitializationOnlyStatus",
+    "LazyVariable",
     "List",
     "Mapping",
     "NoDependency",
@@ -76,10 +85,15 @@ __all__ = [
     "__version__",
     "capture_dependencies",
     "delete_checkpoint",
+    "dot_graph_from_checkpoint",
     "gc",
     "latest_checkpoint",
     "list_checkpoints",
     "list_objects",
+    "list_variables",
+    "load_variable",
+    "object_metadata",
+    "open_variable",
     "split_dependency",
     "verify",
 ]

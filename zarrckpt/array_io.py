@@ -21,6 +21,7 @@ or restore adds is bounded whatever the model size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -412,10 +413,12 @@ def _read_chunk(
     coords: tuple[int, ...],
     direct: bool,
     stats: IOStats,
+    region: tuple[slice, ...] | None = None,
 ) -> None:
+    """Read chunk ``coords`` into ``out[region]`` (default: the chunk's region of the array)."""
     name = chunk_key(key, coords)
     where = f"{storage.url}/{name}: chunk {coords} of {key!r}"
-    region = layout.region(coords)
+    region = layout.region(coords) if region is None else region
     valid = math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
     padded = valid != layout.chunk_nbytes
     # A compressed edge chunk decodes to its padded size, more than its region.
@@ -457,6 +460,66 @@ def _read_chunk(
         count = valid // layout.dtype.itemsize
         values = np.frombuffer(target, dtype=_little_endian(layout.dtype), count=count)
         out[region] = values.reshape(tuple(r.stop - r.start for r in region))
+
+
+def read_selection(
+    storage: Storage,
+    key: str,
+    layout: ArrayLayout,
+    selection: tuple[slice, ...],
+    options: CheckpointOptions | None = None,
+    stats: IOStats | None = None,
+) -> np.ndarray[Any, Any]:
+    """Read ``array[selection]`` (one slice with step >= 1 per axis) touching only its chunks.
+
+    Each chunk that overlaps the selection is read whole (its CRC covers all of
+    it) into a chunk-sized buffer, admitted under the byte budget, and the
+    overlap is copied into the result.
+    """
+    options = options or CheckpointOptions()
+    stats = stats if stats is not None else IOStats()
+    ranges = [range(*s.indices(n)) for s, n in zip(selection, layout.shape, strict=True)]
+    result = np.empty(tuple(len(r) for r in ranges), layout.dtype)
+    if result.size == 0:
+        return result
+    touched = [
+        [i for i in range(r[0] // c, r[-1] // c + 1) if _touches(r, i, c)]
+        for r, c in zip(ranges, layout.chunk_shape, strict=True)
+    ]
+    direct = layout.dtype == _little_endian(layout.dtype)
+
+    def read_one(coords: tuple[int, ...]) -> None:
+        region = layout.region(coords)
+        block = np.empty(tuple(g.stop - g.start for g in region), layout.dtype)
+        local = tuple(slice(0, g.stop - g.start) for g in region)
+        _read_chunk(storage, key, layout, block, coords, direct, stats, local)
+        source, target = [], []
+        for r, g in zip(ranges, region, strict=True):
+            start, stop = _first_at_or_after(r, g.start), _first_at_or_after(r, g.stop)
+            first = r[start] - g.start
+            source.append(slice(first, first + (stop - start - 1) * r.step + 1, r.step))
+            target.append(slice(start, stop))
+        result[tuple(target)] = block[tuple(source)]
+
+    cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
+    tasks: list[Task] = [
+        (cost, partial(read_one, tuple(coords))) for coords in itertools.product(*touched)
+    ]
+    run_tasks(tasks, options, stats)
+    return result
+
+
+def _first_at_or_after(r: range, value: int) -> int:
+    """Index in ``r`` (step >= 1) of the first element >= ``value`` (len(r) if none)."""
+    if value <= r.start:
+        return 0
+    return min(len(r), -(-(value - r.start) // r.step))
+
+
+def _touches(r: range, chunk: int, size: int) -> bool:
+    """Whether ``r`` has an element in chunk ``chunk`` (of ``size`` along the axis)."""
+    index = _first_at_or_after(r, chunk * size)
+    return index < len(r) and r[index] < (chunk + 1) * size
 
 
 def read_arrays(

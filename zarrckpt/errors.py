@@ -26,6 +26,7 @@ __all__ = [
     "UnmatchedValuesWarning",
     "UnsupportedDTypeError",
     "UnsupportedValueError",
+    "VariableNotFoundError",
     "ZarrckptError",
 ]
 
@@ -40,6 +41,13 @@ class CheckpointNotFoundError(ZarrckptError, FileNotFoundError):
 
 class CheckpointExistsError(ZarrckptError, FileExistsError):
     """A checkpoint already exists where a new one was to be written."""
+
+
+class VariableNotFoundError(ZarrckptError, KeyError):
+    """The checkpoint has no saved value under the key asked for."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
 
 
 class CorruptCheckpointError(ZarrckptError, ValueError):

@@ -1,32 +1,50 @@
-"""The zarrckpt command line."""
+"""The zarrckpt command line: every command, its output and its exit code."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 import zarrckpt as zc
+from tests.conftest import Model, model_variables
 from zarrckpt.cli import main, parse_size
 
+pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
-def test_demo_saves_restores_and_reports(tmp_path, capsys):
-    assert main(["demo", "--size", "2MiB", "--dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[Path, Model]:
+    model = Model(seed=0)
+    manager = zc.CheckpointManager(zc.Checkpoint(model=model), tmp_path / "run")
+    manager.save()
+    model.embedding.assign(model.embedding.numpy() + 1.5)
+    manager.save()
+    return tmp_path / "run", model
+
+
+def test_demo_trains_saves_restores_and_inspects(tmp_path, capsys):
+    code, out, _ = _run(capsys, "demo", "--size", "2MiB", "--dir", str(tmp_path))
+    assert code == 0
     assert out.count("bit-exact") == 2
-    assert "assert_consumed() passed" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-1", "ckpt-2"]
-    graph = zc.ObjectGraph.decode((tmp_path / "ckpt-2" / "object_graph.msgpack").read_bytes())
+    assert "$ zarrckpt ls" in out and "$ zarrckpt show" in out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ckpt-2", "ckpt-3"]
+    graph = zc.object_metadata(tmp_path / "ckpt-3")
     keys = [a.key for _, a in graph.attributes()]
-    assert "model/embedding/.ATTRIBUTES/VARIABLE_VALUE" in keys
     assert any(".OPTIMIZER_SLOT/optimizer/momentum" in key for key in keys)
-    counter = zarr.open_group(str(tmp_path / "ckpt-2"), mode="r")[
-        "save_counter/.ATTRIBUTES/VARIABLE_VALUE"
-    ]
-    assert counter[...] == np.int64(2)
+    assert zc.load_variable(tmp_path / "ckpt-3", "save_counter") == np.int64(3)
 
 
 def test_python_dash_m_runs_the_demo(tmp_path):
@@ -41,10 +59,144 @@ def test_python_dash_m_runs_the_demo(tmp_path):
     assert "restored" in result.stdout and "DIFFERENT" not in result.stdout
 
 
-def test_demo_refuses_to_overwrite_and_exits_2(tmp_path, capsys):
-    (tmp_path / "ckpt-1").mkdir()
-    assert main(["demo", "--size", "1MiB", "--dir", str(tmp_path)]) == 2
-    assert "already exists" in capsys.readouterr().err
+def test_ls_lists_committed_and_leftovers(saved, capsys):
+    directory, _ = saved
+    (directory / "ckpt-7").mkdir()
+    code, out, _ = _run(capsys, "ls", str(directory))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:2] == ["number", "created"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "7"]
+    assert "committed" in lines[1] and "NOT COMMITTED" in lines[3]
+
+
+def test_show_lists_variables_and_tree(saved, capsys):
+    directory, _ = saved
+    code, out, _ = _run(capsys, "show", str(directory / "ckpt-2"))
+    assert code == 0
+    assert f"zarr group: {directory / 'ckpt-2'}" in out
+    row = next(line for line in out.splitlines() if line.startswith("model/embedding"))
+    assert row.split()[1:4] == ["[10,", "6]", "float32"]
+    assert "bytes+crc32c" in row
+    code, out, _ = _run(capsys, "show", "--tree", str(directory / "ckpt-2"))
+    assert code == 0 and "[0] <root>" in out and "model/layers/0" in out
+
+
+def test_dot_prints_graphviz_text(saved, capsys, tmp_path):
+    directory, _ = saved
+    code, out, _ = _run(capsys, "dot", str(directory / "ckpt-1"))
+    assert code == 0
+    assert out.startswith("digraph {") and '[label="embedding"]' in out
+    if shutil.which("dot"):
+        png = tmp_path / "g.png"
+        assert main(["dot", str(directory / "ckpt-1"), "--png", str(png)]) == 0
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert main(["dot", str(directory / "ckpt-1"), "--png", str(tmp_path / "g.png")]) == 5
+
+
+def test_verify_ok_and_corrupt(saved, capsys):
+    directory, _ = saved
+    code, out, _ = _run(capsys, "verify", str(directory / "ckpt-2"))
+    assert code == 0 and "OK" in out
+    chunk = directory / "ckpt-2" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    code, _, err = _run(capsys, "verify", str(directory / "ckpt-2"))
+    assert code == 4
+    assert "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0" in err
+
+
+def test_missing_and_uncommitted_paths_exit_3(saved, capsys, tmp_path):
+    directory, _ = saved
+    code, _, err = _run(capsys, "show", str(tmp_path / "nothing"))
+    assert code == 3 and "no checkpoint" in err
+    (directory / "ckpt-9").mkdir()
+    code, _, err = _run(capsys, "verify", str(directory / "ckpt-9"))
+    assert code == 3 and "not a committed checkpoint" in err
+
+
+def test_diff_keys_and_values(saved, capsys, tmp_path):
+    directory, _ = saved
+    code, out, _ = _run(capsys, "diff", str(directory / "ckpt-1"), str(directory / "ckpt-1"))
+    assert code == 0 and "no differences" in out
+    code, out, _ = _run(capsys, "diff", str(directory / "ckpt-1"), str(directory / "ckpt-2"))
+    assert code == 1
+    assert out.splitlines() == [
+        "~ model/embedding/.ATTRIBUTES/VARIABLE_VALUE",
+        "~ save_counter/.ATTRIBUTES/VARIABLE_VALUE",
+    ]
+    code, out, _ = _run(
+        capsys, "diff", "--values", str(directory / "ckpt-1"), str(directory / "ckpt-2")
+    )
+    assert "~ model/embedding/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 1.5" in out
+    other = Model(seed=0)
+    other.extra = zc.Variable(np.zeros(2))
+    del other.embedding
+    path = zc.Checkpoint(model=other).write(tmp_path / "other")
+    code, out, _ = _run(capsys, "diff", str(directory / "ckpt-1"), path)
+    assert "- model/embedding/.ATTRIBUTES/VARIABLE_VALUE" in out
+    assert "+ model/extra/.ATTRIBUTES/VARIABLE_VALUE" in out
+    assert "- save_counter/.ATTRIBUTES/VARIABLE_VALUE" in out
+
+
+def test_cp_local_to_local_is_verified_and_committed(saved, capsys, tmp_path):
+    directory, model = saved
+    code, out, _ = _run(capsys, "cp", str(directory / "ckpt-2"), str(tmp_path / "copy"))
+    assert code == 0 and "verified" in out
+    fresh = Model(seed=4)
+    zc.Checkpoint(model=fresh).restore(tmp_path / "copy").assert_consumed()
+    for a, b in zip(model_variables(fresh), model_variables(model), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert str(zc.verify(tmp_path / "copy")).endswith("MiB/s)")
+    code, _, err = _run(capsys, "cp", str(directory / "ckpt-2"), str(tmp_path / "copy"))
+    assert code == 5 and "already exists" in err
+
+
+def test_cp_refuses_a_damaged_source(saved, capsys, tmp_path):
+    directory, _ = saved
+    chunk = directory / "ckpt-1" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")
+    code, _, err = _run(capsys, "cp", str(directory / "ckpt-1"), str(tmp_path / "copy"))
+    assert code == 4 and "CRC32C" in err
+    assert not (tmp_path / "copy").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy")] == []
+
+
+def test_gc_removes_old_leftovers_only(saved, capsys):
+    directory, _ = saved
+    leftover = directory / ".ckpt-3.zarrckpt-tmp-00ff"
+    leftover.mkdir()
+    code, out, _ = _run(capsys, "gc", str(directory))
+    assert code == 0 and "0 leftovers removed" in out and leftover.exists()
+    old = 1_000_000_000
+    os.utime(leftover, (old, old))
+    code, out, _ = _run(capsys, "gc", str(directory))
+    assert f"removed {leftover}" in out and not leftover.exists()
+    assert [i.name for i in zc.list_checkpoints(directory)] == ["ckpt-1", "ckpt-2"]
+
+
+def test_s3_commands_and_copy_both_ways(saved, capsys, tmp_path, s3_url, s3_storage_options):
+    directory, model = saved
+    options = json.dumps(s3_storage_options)
+    remote = f"{s3_url}/run/ckpt-2"
+    code, out, _ = _run(
+        capsys, "--storage-options", options, "cp", "--destination-storage-options", options,
+        str(directory / "ckpt-2"), remote,
+    )  # fmt: skip
+    assert code == 0, out
+    code, out, _ = _run(capsys, "--storage-options", options, "ls", f"{s3_url}/run")
+    assert code == 0 and "committed" in out and "ckpt-2" in out
+    code, out, _ = _run(capsys, "--storage-options", options, "show", remote)
+    assert code == 0 and "/attempt-" in out.splitlines()[1]
+    code, out, _ = _run(capsys, "--storage-options", options, "verify", remote)
+    assert code == 0 and "OK" in out
+    code, _, _ = _run(capsys, "--storage-options", options, "cp", remote, str(tmp_path / "back"))
+    assert code == 0
+    np.testing.assert_array_equal(
+        zc.load_variable(tmp_path / "back", "model/embedding"), model.embedding.numpy()
+    )
 
 
 @pytest.mark.parametrize(
@@ -54,6 +206,8 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-def test_parse_size_rejects_garbage():
-    with pytest.raises(Exception, match="not a size"):
-        parse_size("lots")
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--storage-options", "[1]", "ls", "x"])
+    assert info.value.code == 2
+    assert "JSON object" in capsys.readouterr().err

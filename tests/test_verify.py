@@ -82,3 +82,13 @@ def test_verify_refuses_uncommitted(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(zc.errors.CheckpointNotFoundError):
         zc.verify(tmp_path / "half")
+
+
+def test_a_valid_chunk_swapped_in_from_elsewhere_is_caught(tmp_path):
+    # Both chunks carry correct CRCs of their own; only the manifest can tell
+    # that chunk 1 now holds chunk 0's values.
+    path = _saved(tmp_path)
+    chunks = path / KEY / "c"
+    (chunks / "1" / "0").write_bytes((chunks / "0" / "0").read_bytes())
+    with pytest.raises(ChecksumError, match=r"c/1/0: CRC32C does not match the commit manifest"):
+        zc.verify(path)

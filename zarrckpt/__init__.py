@@ -18,6 +18,7 @@ from zarrckpt._graph import list_objects
 from zarrckpt.checkpoint import Checkpoint, CheckpointLoadStatus, InitializationOnlyStatus
 from zarrckpt.codecs import BloscLZ4, Compression, Zstd
 from zarrckpt.containers import Dict, List
+from zarrckpt.copy import copy_checkpoint
 from zarrckpt.directory import (
     CheckpointInfo,
     delete_checkpoint,
@@ -84,6 +85,7 @@ __all__ = [
     "Zstd",
     "__version__",
     "capture_dependencies",
+    "copy_checkpoint",
     "delete_checkpoint",
     "dot_graph_from_checkpoint",
     "gc",

@@ -164,11 +164,33 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
 
 @dataclass
 class ChunkFile:
-    """One file written: its key, its size and the CRC32C of the whole file."""
+    """One file written: its key, its size and its CRC32C (see :func:`file_checksum`)."""
 
     key: str
     size: int
     crc32c: int
+
+
+def is_chunk_file(key: str) -> bool:
+    """Whether a checkpoint file is a chunk (every file but ``zarr.json`` and the record)."""
+    return key.rsplit("/", 1)[-1] != "zarr.json" and key != "object_graph.msgpack"
+
+
+def file_checksum(key: str, data: bytes | memoryview) -> int | None:
+    """The CRC32C a manifest records for a file, or None if a chunk's own CRC is wrong.
+
+    A chunk file ends with the CRC32C of what precedes it, and the CRC32C of
+    such a file as a whole is the same constant for every chunk (the CRC
+    residue), so for chunks the manifest records the chunk's own CRC32C;
+    for other files, the CRC32C of the whole file.
+    """
+    if not is_chunk_file(key):
+        return int(crc32c.crc32c(data))
+    if len(data) < _CRC_BYTES:
+        return None
+    view = memoryview(data)
+    stored = int.from_bytes(view[-_CRC_BYTES:], "little")
+    return stored if crc32c.crc32c(view[:-_CRC_BYTES]) == stored else None
 
 
 # Budget and task runner --------------------------------------------------------
@@ -235,19 +257,24 @@ def run_tasks(tasks: list[Task], options: CheckpointOptions, stats: IOStats) -> 
     """
     budget = ByteBudget(options.inflight_bytes)
     start = time.perf_counter()
+    failed = threading.Event()
 
     def admitted(amount: int, work: Callable[[], Any]) -> Any:
         try:
             return work()
+        except BaseException:
+            failed.set()
+            raise
         finally:
             budget.release(amount)
 
     futures: list[Future[Any]] = []
     with ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="zarrckpt-io") as pool:
         for cost, work in tasks:
-            if any(f.done() and f.exception() is not None for f in futures[-options.threads :]):
-                break
             amount = budget.acquire(cost)
+            if failed.is_set():
+                budget.release(amount)
+                break
             futures.append(pool.submit(admitted, amount, work))
     stats.seconds += time.perf_counter() - start
     stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, budget.peak)
@@ -299,7 +326,7 @@ def _write_chunk(
     storage.write(name, [data, padding, trailer])
     size = data.nbytes + len(padding) + _CRC_BYTES
     stats.add(size)
-    return ChunkFile(name, size, crc32c.crc32c(trailer, value=checksum))
+    return ChunkFile(name, size, checksum)
 
 
 def _write_file(storage: Storage, key: str, data: bytes, stats: IOStats) -> ChunkFile:

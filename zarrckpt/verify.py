@@ -10,12 +10,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import crc32c
 import numpy as np
 
 from zarrckpt._commit import COMMIT_KEY, open_committed
 from zarrckpt._storage import Storage
-from zarrckpt.array_io import ChunkFile, IOStats, Task, chunk_key, read_layout, run_tasks
+from zarrckpt.array_io import (
+    ChunkFile,
+    IOStats,
+    Task,
+    chunk_key,
+    file_checksum,
+    is_chunk_file,
+    read_layout,
+    run_tasks,
+)
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
 from zarrckpt.options import CheckpointOptions
 
@@ -52,17 +60,18 @@ def _check_file(
     try:
         data = storage.read(key)
     except FileNotFoundError:
-        kind = "chunk" if "/c/" in key or key.endswith("/c") else "file"
+        kind = "chunk" if is_chunk_file(key) else "file"
         raise MissingChunkError(f"{where}: {kind} listed in {COMMIT_KEY} is missing") from None
     if len(data) != entry.size:
         raise CorruptCheckpointError(f"{where}: {len(data)} bytes, manifest says {entry.size}")
-    if crc32c.crc32c(data) != entry.crc32c:
+    checksum = file_checksum(key, data)
+    if checksum is None:
+        array_key, _, coords = key.rpartition("/c")
+        raise ChecksumError(
+            f"{where}: chunk {coords.strip('/') or '()'} of {array_key!r} is corrupt"
+        )
+    if checksum != entry.crc32c:
         raise ChecksumError(f"{where}: CRC32C does not match the commit manifest")
-    array_key, _, coords = key.partition("/c/")
-    if coords or key.endswith("/c"):
-        body, trailer = memoryview(data)[:-4], data[-4:]
-        if crc32c.crc32c(body) != int.from_bytes(trailer, "little"):
-            raise ChecksumError(f"{where}: chunk {coords or '()'} of {array_key!r} is corrupt")
     if progress is not None:
         progress(len(data))
 

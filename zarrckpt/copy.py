@@ -1,0 +1,89 @@
+"""copy_checkpoint: copy a committed checkpoint anywhere, verified, committed atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from zarrckpt._commit import Manifest, begin_commit, open_committed
+from zarrckpt._storage import Storage
+from zarrckpt.array_io import ChunkFile, IOStats, Task, file_checksum, run_tasks
+from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
+from zarrckpt.options import CheckpointOptions
+
+__all__ = ["copy_checkpoint"]
+
+
+def _copy_file(
+    source: Storage,
+    target: Storage,
+    source_prefix: str,
+    entry: ChunkFile,
+    progress: Callable[[int], None] | None,
+) -> ChunkFile:
+    key = entry.key[len(source_prefix) :]
+    try:
+        data = source.read(key)
+    except FileNotFoundError:
+        raise MissingChunkError(f"{source.url}/{key}: listed in the manifest but missing") from None
+    if len(data) != entry.size:
+        raise CorruptCheckpointError(
+            f"{source.url}/{key}: {len(data)} bytes, expected {entry.size}"
+        )
+    if file_checksum(key, data) != entry.crc32c:
+        raise ChecksumError(f"{source.url}/{key}: CRC32C does not match the commit manifest")
+    target.write(key, [data])
+    if progress is not None:
+        progress(len(data))
+    return ChunkFile(key, entry.size, entry.crc32c)
+
+
+def copy_checkpoint(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    source_storage_options: dict[str, Any] | None = None,
+    destination_storage_options: dict[str, Any] | None = None,
+    options: CheckpointOptions | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> str:
+    """Copy the committed checkpoint ``source`` to ``destination`` (local <-> S3 <-> ...).
+
+    Every file is checked against the source manifest (size and CRC32C) as it
+    is copied, and the copy is committed with the destination's own protocol,
+    so a reader never sees a partial copy. Returns ``destination``.
+
+    Example:
+        >>> copy_checkpoint("/ckpts/ckpt-9", "s3://bucket/run/ckpt-9",
+        ...                 destination_storage_options={"profile": "training"})
+    """
+    options = options or CheckpointOptions()
+    checkpoint = open_committed(source, source_storage_options)
+    manifest = checkpoint.manifest
+    source_prefix = f"{manifest.attempt}/" if manifest.attempt else ""
+    commit = begin_commit(destination, destination_storage_options, fsync=options.fsync)
+    target = commit.create()
+    try:
+        tasks: list[Task] = [
+            (
+                entry.size,
+                partial(_copy_file, checkpoint.storage, target, source_prefix, entry, progress),
+            )
+            for entry in manifest.files
+        ]
+        copied: list[ChunkFile] = run_tasks(tasks, options, IOStats())
+        prefix = f"{commit.attempt}/" if commit.attempt else ""
+        commit.publish(
+            Manifest(
+                record_sha256=manifest.record_sha256,
+                files=tuple(ChunkFile(prefix + f.key, f.size, f.crc32c) for f in copied),
+                attempt=commit.attempt,
+                created=manifest.created,
+            )
+        )
+    except BaseException:
+        commit.abort()
+        raise
+    return os.fspath(destination)

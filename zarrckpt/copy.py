@@ -9,9 +9,9 @@ from typing import Any
 
 from zarrckpt._commit import Manifest, begin_commit, open_committed
 from zarrckpt._storage import Storage
-from zarrckpt.array_io import ChunkFile, IOStats, Task, file_checksum, run_tasks
-from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
+from zarrckpt.array_io import ChunkFile, IOStats, Task, run_tasks
 from zarrckpt.options import CheckpointOptions
+from zarrckpt.verify import read_checked
 
 __all__ = ["copy_checkpoint"]
 
@@ -24,16 +24,7 @@ def _copy_file(
     progress: Callable[[int], None] | None,
 ) -> ChunkFile:
     key = entry.key[len(source_prefix) :]
-    try:
-        data = source.read(key)
-    except FileNotFoundError:
-        raise MissingChunkError(f"{source.url}/{key}: listed in the manifest but missing") from None
-    if len(data) != entry.size:
-        raise CorruptCheckpointError(
-            f"{source.url}/{key}: {len(data)} bytes, expected {entry.size}"
-        )
-    if file_checksum(key, data) != entry.crc32c:
-        raise ChecksumError(f"{source.url}/{key}: CRC32C does not match the commit manifest")
+    data = read_checked(source, key, entry)
     target.write(key, [data])
     if progress is not None:
         progress(len(data))

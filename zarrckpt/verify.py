@@ -27,7 +27,7 @@ from zarrckpt.array_io import (
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
 from zarrckpt.options import CheckpointOptions
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "read_checked", "verify"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,8 @@ class VerifyReport:
         )
 
 
-def _check_file(
-    storage: Storage,
-    prefix: str,
-    entry: ChunkFile,
-    progress: Callable[[int], None] | None,
-) -> None:
-    key = entry.key[len(prefix) :]
+def read_checked(storage: Storage, key: str, entry: ChunkFile) -> bytes:
+    """Read file ``key`` and check it against its manifest ``entry``; raise naming what is wrong."""
     where = f"{storage.url}/{key}"
     try:
         data = storage.read(key)
@@ -67,11 +62,20 @@ def _check_file(
     checksum = file_checksum(key, data)
     if checksum is None:
         array_key, _, coords = key.rpartition("/c")
-        raise ChecksumError(
-            f"{where}: chunk {coords.strip('/') or '()'} of {array_key!r} is corrupt"
-        )
+        index = tuple(int(c) for c in coords.strip("/").split("/") if c)
+        raise ChecksumError(f"{where}: chunk {index} of {array_key!r} is corrupt")
     if checksum != entry.crc32c:
         raise ChecksumError(f"{where}: CRC32C does not match the commit manifest")
+    return data
+
+
+def _check_file(
+    storage: Storage,
+    prefix: str,
+    entry: ChunkFile,
+    progress: Callable[[int], None] | None,
+) -> None:
+    data = read_checked(storage, entry.key[len(prefix) :], entry)
     if progress is not None:
         progress(len(data))
 

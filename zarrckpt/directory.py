@@ -113,7 +113,7 @@ def list_checkpoints(
     *,
     checkpoint_name: str | None = None,
 ) -> list[CheckpointInfo]:
-    """Every checkpoint directory in ``directory``, committed or not, oldest first.
+    """Every checkpoint directory in ``directory``, committed or not, by number.
 
     Only directories named ``<name>-<number>`` or holding a ``_COMMIT`` are
     listed (temporary directories of interrupted saves are not; :func:`gc`
@@ -145,7 +145,9 @@ def list_checkpoints(
                 committed=manifest is not None,
             )
         )
-    found.sort(key=lambda c: (c.created, c.number if c.number is not None else -1, c.name))
+    # By number: times of committed and uncommitted entries come from different
+    # clocks (manifests versus the store's modification times, whole seconds on S3).
+    found.sort(key=lambda c: (c.number if c.number is not None else -1, c.created, c.name))
     return found
 
 
@@ -165,7 +167,7 @@ def latest_checkpoint(
         for c in list_checkpoints(directory, storage_options, checkpoint_name=checkpoint_name)
         if c.committed
     ]
-    return committed[-1].path if committed else None
+    return max(committed, key=lambda c: (c.created, c.number or 0)).path if committed else None
 
 
 def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> None:

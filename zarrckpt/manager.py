@@ -118,6 +118,7 @@ class CheckpointManager:
             )
             if c.committed
         ]
+        committed.sort(key=lambda c: c.created)  # retention goes by commit order
         state = self._read_state()
         metrics = {e["name"]: e.get("metrics", {}) for e in state.get("checkpoints", [])}
         preserved_names = set(state.get("preserved", []))

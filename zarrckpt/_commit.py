@@ -314,6 +314,7 @@ class ObjectStoreCommit(Commit):
                 raise
 
     def _marker(self) -> bytes | None:
+        self.fs.invalidate_cache(f"{self.root}/{COMMIT_KEY}")
         try:
             data: bytes = self.fs.cat_file(f"{self.root}/{COMMIT_KEY}")
         except FileNotFoundError:

@@ -168,7 +168,11 @@ class FsspecStorage(Storage):
         self.fs.pipe_file(self._path(key), b"".join(parts))
 
     def read(self, key: str) -> bytes:
-        data: bytes = self.fs.cat_file(self._path(key))
+        path = self._path(key)
+        # s3fs answers FileNotFoundError from a cached listing without asking the
+        # store; files other processes wrote since must be seen.
+        self.fs.invalidate_cache(path)
+        data: bytes = self.fs.cat_file(path)
         return data
 
     def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:

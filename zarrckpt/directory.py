@@ -78,6 +78,7 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, bool]]
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Manifest | None:
     marker = _join(fs, path, COMMIT_KEY)
+    fs.invalidate_cache(marker)  # see FsspecStorage.read
     try:
         data = fs.cat_file(marker)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):

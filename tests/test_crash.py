@@ -1,0 +1,645 @@
+"""Crash safety: SIGKILL a real saving process at random moments, then check what is left.
+
+On local disk and on S3 (a real moto server), a child process
+(tests/crash_child.py) resumes from the latest committed checkpoint and saves
+one step through a CheckpointManager. A clean save measures the save time;
+then, K times, a child saving the next step is killed with SIGKILL at a random
+fraction in [0, 1.2] of the measured save time, and this process checks:
+
+1. the latest committed checkpoint restores bit-exactly, holds the model of
+   the step it names, and is the step it must be (the killed step only if its
+   commit landed);
+2. the committed set is exactly what the protocol allows; every listed
+   checkpoint marked committed restores bit-exactly (restored again whenever
+   its files changed since it last did, by name, size and mtime / ETag);
+   every other one, and the killed step unless committed, raises
+   CheckpointNotFoundError;
+3. the next save (a child run to completion, resuming from the latest) works;
+4. ``gc(older_than=0)`` removes every leftover and leaves every committed
+   checkpoint's files as they were.
+
+Where each kill landed is read from what is on disk / in the bucket: no trace
+yet, data being written, every data file written at full size but not
+committed (the window that matters; on local disk it includes the data's
+fsyncs, the record, and a _COMMIT written but not renamed), or committed. At
+least a quarter of all kills must land in that window (test_kill_window_share,
+which runs after the crash tests). The window is a small part of a save (S3 on
+moto: ~50 ms of ~250) and save times vary as much from run to run, so the
+fractions are biased: a share is uniform over [0, 1.2], the rest is drawn in a
+band around the commit window measured in the first clean save, whose centre
+moves after each biased kill toward the window (later if the kill came before
+the data was written, earlier if after the commit, halfway to a hit).
+
+CI=true runs at least 50 kills in total; otherwise a few per backend.
+ZARRCKPT_CRASH_SEED sets the RNG seed; ZARRCKPT_CRASH_KILLS_LOCAL / _S3 the
+number of kills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import queue
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+import zarrckpt as zc
+from zarrckpt.errors import CheckpointNotFoundError
+
+CHILD = Path(__file__).with_name("crash_child.py")
+_spec = importlib.util.spec_from_file_location("crash_child", CHILD)
+assert _spec is not None and _spec.loader is not None
+child = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(child)
+
+MiB = 1 << 20
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SEED = int(os.environ.get("ZARRCKPT_CRASH_SEED", "20261125"))
+# backend: (kills in CI, kills otherwise, model bytes, chunk bytes, I/O threads).
+# Local saves run every chunk write at once (32 threads): the files are complete
+# early and their fsyncs, then the commit, follow; the 8 default threads would
+# leave a window of ~5 ms in a ~50 ms save, narrower than its jitter.
+BACKENDS = {
+    "local": (30, 10, 16 * MiB, 1 * MiB, 32),
+    "s3": (22, 5, 4 * MiB, 512 * 1024, 8),
+}
+MAX_FRACTION = 1.2
+UNIFORM_SHARE = 0.2  # of the kills, at a uniform fraction of [0, MAX_FRACTION]
+BAND = 0.03  # half-width of the biased band, as a fraction of the save time
+CENTRE_STEP = 0.02  # how far the band's centre moves after a biased kill missed
+RECENT = 5  # clean saves whose median is the measured save time
+READY_TIMEOUT = 120.0
+RUN_TIMEOUT = 300.0
+STATE_FILE = "zarrckpt_state.json"
+COMMIT = "_COMMIT"
+# Written by the commit itself, after the data: not part of "every data file".
+COMMIT_FILES = {COMMIT, "object_graph.msgpack", "zarr.json"}
+
+# Where a kill landed, read from storage afterwards.
+BEFORE = "before-data"  # no trace of the killed save
+DURING = "during-data"  # a temp dir / attempt prefix with part of the data
+WINDOW = "data-written-uncommitted"  # every data file fully written, not committed
+COMMITTED = "committed"  # the killed step is a committed checkpoint
+CATEGORIES = (BEFORE, DURING, WINDOW, COMMITTED)
+
+LEDGER: dict[str, list[Kill]] = {}  # backend -> its kills, for test_kill_window_share
+
+
+def kills_for(name: str) -> int:
+    in_ci, otherwise, *_ = BACKENDS[name]
+    return int(os.environ.get(f"ZARRCKPT_CRASH_KILLS_{name.upper()}", in_ci if CI else otherwise))
+
+
+# The model ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def expected_values(seed: int, step: int, size: int) -> tuple[np.ndarray, ...]:
+    return tuple(child.model_values(seed, step, size))
+
+
+def assert_restores_step(
+    path: str, storage_options: dict[str, Any] | None, seed: int, size: int
+) -> None:
+    """Restore ``path`` into a fresh model: it must hold exactly the model of its step."""
+    step = child.step_of(path)
+    model = child.CrashModel(seed, size)
+    zc.Checkpoint(model=model).restore(path, storage_options=storage_options).assert_consumed()
+    for index, (variable, want) in enumerate(
+        zip(model.variables(), expected_values(seed, step, size), strict=True)
+    ):
+        got = variable.numpy()
+        assert got.shape == want.shape and got.dtype == want.dtype, (path, index)
+        differ = int(np.count_nonzero(got.view(np.uint32) != want.view(np.uint32)))
+        assert differ == 0, f"{path}: w{index} differs from step {step} in {differ} values"
+
+
+def assert_not_restorable(path: str, storage_options: dict[str, Any] | None, size: int) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        zc.Checkpoint(model=child.CrashModel(0, size)).restore(
+            path, storage_options=storage_options
+        )
+
+
+# Storage, read without zarrckpt -----------------------------------------------------
+
+Files = dict[str, tuple[int, str]]  # key -> (size, version: mtime_ns+inode or ETag)
+
+
+@dataclass
+class Snapshot:
+    """The checkpoint directory as it is."""
+
+    committed: dict[int, Files]  # step -> files of its live data (with _COMMIT)
+    partial: dict[int, list[Files]]  # step -> files of each temp dir / dead attempt
+    leftovers: set[str]  # neither committed data nor the state file
+    files: Files  # every file under the directory
+
+
+class LocalPlace:
+    name = "local"
+
+    def __init__(self, directory: Path) -> None:
+        self.url = str(directory)
+        self.storage_options: dict[str, Any] | None = None
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.url, f"{child.CHECKPOINT_NAME}-{step}")
+
+    @staticmethod
+    def _files(root: str) -> Files:
+        def stamp(path: str) -> tuple[int, str]:
+            info = os.stat(path)
+            return info.st_size, f"{info.st_mtime_ns}:{info.st_ino}"
+
+        if os.path.isfile(root):
+            return {"": stamp(root)}
+        files = {}
+        for directory, _, names in os.walk(root):
+            for name in names:
+                full = os.path.join(directory, name)
+                files[os.path.relpath(full, root).replace(os.sep, "/")] = stamp(full)
+        return files
+
+    def snapshot(self) -> Snapshot:
+        committed: dict[int, Files] = {}
+        partial: dict[int, list[Files]] = {}
+        leftovers: set[str] = set()
+        every: Files = {}
+        names = sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
+        for name in names:
+            full = os.path.join(self.url, name)
+            files = self._files(full)
+            every.update({f"{name}/{key}".rstrip("/"): v for key, v in files.items()})
+            if name == STATE_FILE:
+                continue
+            final = re.fullmatch(rf"{child.CHECKPOINT_NAME}-(\d+)", name)
+            temp = re.fullmatch(rf"\.{child.CHECKPOINT_NAME}-(\d+)\.zarrckpt-tmp-[0-9a-f]+", name)
+            if final and COMMIT in files:
+                committed[int(final[1])] = files
+                continue
+            leftovers.add(full)
+            if temp or final:
+                partial.setdefault(int((temp or final)[1]), []).append(files)
+        return Snapshot(committed, partial, leftovers, every)
+
+    def settle(self) -> Snapshot:
+        return self.snapshot()  # a dead process has nothing in flight on a local disk
+
+    def normalize(self, path: str) -> str:
+        return os.path.normpath(path)
+
+
+class S3Place:
+    name = "s3"
+
+    def __init__(self, bucket_url: str, storage_options: dict[str, Any]) -> None:
+        import s3fs
+
+        self.url = f"{bucket_url.rstrip('/')}/run"
+        self.storage_options = storage_options
+        # Its own client without a listing cache: the bucket as it is.
+        self.fs = s3fs.S3FileSystem(
+            **storage_options, skip_instance_cache=True, use_listings_cache=False
+        )
+        self.root = self.url.removeprefix("s3://")
+
+    def path(self, step: int) -> str:
+        return f"{self.url}/{child.CHECKPOINT_NAME}-{step}"
+
+    def snapshot(self) -> Snapshot:
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            found = {}
+        every: Files = {
+            name[len(self.root) + 1 :]: (int(info["size"]), str(info.get("ETag")))
+            for name, info in found.items()
+            if info.get("type") != "directory"
+        }
+        groups: dict[str, Files] = {}
+        for key, value in every.items():
+            top, _, rest = key.partition("/")
+            groups.setdefault(top, {})[rest] = value
+        committed: dict[int, Files] = {}
+        partial: dict[int, list[Files]] = {}
+        leftovers: set[str] = set()
+        for top, files in groups.items():
+            if top == STATE_FILE and set(files) == {""}:
+                continue
+            numbered = re.fullmatch(rf"{child.CHECKPOINT_NAME}-(\d+)", top)
+            attempts: dict[str, Files] = {}
+            for key, value in files.items():
+                head, _, rest = key.partition("/")
+                if re.fullmatch(r"attempt-[0-9a-f]{32}", head) and rest:
+                    attempts.setdefault(head, {})[rest] = value
+                elif key != COMMIT:
+                    leftovers.add(f"{self.root}/{top}/{key}")
+            live = None
+            if numbered and COMMIT in files:
+                live = msgpack.unpackb(self.fs.cat_file(f"{self.root}/{top}/{COMMIT}"))["attempt"]
+                assert live in attempts, (top, live, sorted(attempts))
+                committed[int(numbered[1])] = {**attempts[live], COMMIT: files[COMMIT]}
+            else:
+                leftovers.add(f"{self.root}/{top}")
+            for attempt, attempt_files in attempts.items():
+                if attempt != live:
+                    leftovers.add(f"{self.root}/{top}/{attempt}")
+                    if numbered:
+                        partial.setdefault(int(numbered[1]), []).append(attempt_files)
+        return Snapshot(committed, partial, leftovers, every)
+
+    def settle(self) -> Snapshot:
+        """The bucket once requests the dead child had already sent are served."""
+        previous = self.snapshot()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.snapshot()
+            if current.files == previous.files:
+                return current
+            previous = current
+        return previous
+
+    def normalize(self, path: str) -> str:
+        return path.removeprefix("s3://").rstrip("/")
+
+
+Place = LocalPlace | S3Place
+
+
+# The child process ------------------------------------------------------------------
+
+
+class Child:
+    """One run of crash_child.py; its stdout lines are timestamped as they arrive."""
+
+    def __init__(self, place: Place, step: int, seed: int, logs: Path) -> None:
+        _, _, size, chunk, threads = BACKENDS[place.name]
+        command = [sys.executable, str(CHILD), "--dir", place.url, "--seed", str(seed)]
+        command += ["--size", str(size), "--step", str(step), "--chunk-bytes", str(chunk)]
+        command += ["--threads", str(threads)]
+        if place.storage_options is not None:
+            command += ["--storage-options", json.dumps(place.storage_options)]
+        self.step = step
+        self.stderr_path = logs / f"child-{place.name}-{step}-{time.monotonic_ns()}.stderr"
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+        self.lines: queue.Queue[tuple[float, str | None]] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put((time.perf_counter(), raw.decode().rstrip("\n")))
+        self.lines.put((time.perf_counter(), None))
+
+    def expect(self, prefix: str, timeout: float) -> tuple[float, str]:
+        """The next line starting with ``prefix`` and when it arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                when, line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                self.wait()
+                raise AssertionError(
+                    f"step {self.step}: no {prefix} in {timeout} s{self}"
+                ) from None
+            if line is None:
+                self.wait()
+                raise AssertionError(f"step {self.step}: exit {self.proc.returncode}{self}")
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return when, line
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # already reaped
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        status = self.proc.wait(timeout=RUN_TIMEOUT)
+        self._reader.join(timeout=10)
+        while not self.lines.empty():
+            _, line = self.lines.get_nowait()
+            if line is not None:
+                self.seen.append(line)
+        return status
+
+    def printed(self, prefix: str) -> list[str]:
+        return [line for line in self.seen if line.startswith(prefix)]
+
+    def __str__(self) -> str:
+        stderr = self.stderr_path.read_bytes().decode(errors="replace")[-3000:]
+        stdout = "\n".join(self.seen)
+        return f"\n--- child stdout:\n{stdout}\n--- child stderr:\n{stderr}"
+
+
+# The scenario -----------------------------------------------------------------------
+
+
+@dataclass
+class Clean:
+    """A save that ran to completion: its time seen here, its phases seen by the child."""
+
+    seconds: float  # READY to SAVED, measured here
+    data_done: float  # end of the data phase, as a fraction of the child's save time
+    commit_done: float  # end of Checkpoint.write (commit included), as a fraction
+
+
+@dataclass
+class Kill:
+    step: int
+    fraction: float
+    biased: bool
+    category: str
+    saved_before_kill: bool
+    detail: str = ""  # for WINDOW: which commit files the dead save had written
+
+
+@dataclass
+class Scenario:
+    place: Place
+    logs: Path
+    seed: int
+    size: int = field(init=False)  # model bytes
+    chunk: int = field(init=False)  # chunk bytes
+    rng: random.Random = field(init=False)
+    cleans: list[Clean] = field(default_factory=list)
+    kills: list[Kill] = field(default_factory=list)
+    centre: float | None = None  # of the biased band, as a fraction of the save time
+    reference: dict[str, int] = field(default_factory=dict)  # every data file: its size
+    committed: list[int] = field(default_factory=list)  # the steps committed now
+    verified: dict[int, Files] = field(default_factory=dict)  # files when restored last
+
+    def __post_init__(self) -> None:
+        _, _, self.size, self.chunk, _ = BACKENDS[self.place.name]
+        self.rng = random.Random(f"{self.seed}-{self.place.name}")
+
+    @property
+    def so(self) -> dict[str, Any] | None:
+        return self.place.storage_options
+
+    def spawn(self, step: int) -> Child:
+        return Child(self.place, step, self.seed, self.logs)
+
+    # Saves
+
+    def save_to_completion(self, step: int) -> str:
+        """(3): a child resumes from the latest committed checkpoint and saves ``step``."""
+        run = self.spawn(step)
+        ready, _ = run.expect("READY", READY_TIMEOUT)
+        saved, line = run.expect("SAVED", RUN_TIMEOUT)
+        run.expect("DONE", RUN_TIMEOUT)
+        assert run.wait() == 0, f"step {step}: exit {run.proc.returncode}{run}"
+        latest = self.committed[-1] if self.committed else None
+        want = f"RESUMED {self.place.path(latest)} {latest}" if latest else "RESUMED - -"
+        assert run.printed("RESUMED") == [want], run
+        _, path, raw_timings = line.split(" ", 2)
+        assert path == self.place.path(step), run
+        timings = json.loads(raw_timings)
+        save = timings["save"]
+        self.cleans.append(
+            Clean(
+                saved - ready,
+                (timings["write_start"] + timings["data"]) / save,
+                timings["write_end"] / save,
+            )
+        )
+        return path
+
+    def draw_fraction(self) -> tuple[float, bool]:
+        """A share uniform over [0, 1.2]; the rest in a band around the commit window."""
+        if self.rng.random() < UNIFORM_SHARE:
+            return self.rng.uniform(0.0, MAX_FRACTION), False
+        if self.centre is None:
+            first = self.cleans[0]
+            self.centre = (first.data_done + first.commit_done) / 2
+        low = min(max(self.centre - BAND, 0.0), MAX_FRACTION)
+        high = min(max(self.centre + BAND, 0.0), MAX_FRACTION)
+        return self.rng.uniform(low, high), True
+
+    def kill_during_save(self, step: int) -> tuple[Kill, Snapshot]:
+        # The measured save time: median of the last clean saves (one alone is noisier).
+        measured = statistics.median(clean.seconds for clean in self.cleans[-RECENT:])
+        fraction, biased = self.draw_fraction()
+        run = self.spawn(step)
+        ready, _ = run.expect("READY", READY_TIMEOUT)
+        time.sleep(max(0.0, ready + fraction * measured - time.perf_counter()))
+        run.kill()
+        status = run.wait()
+        assert status in (-signal.SIGKILL, 0), f"step {step}: exit {status}{run}"
+        snapshot = self.place.settle()
+        category, detail = self.where(snapshot, step)
+        kill = Kill(step, fraction, biased, category, bool(run.printed("SAVED")), detail)
+        if kill.saved_before_kill:
+            assert kill.category == COMMITTED, (kill, run)
+        if biased and self.centre is not None:  # move the band toward the window
+            if kill.category in (BEFORE, DURING):
+                self.centre = min(self.centre + CENTRE_STEP, MAX_FRACTION)
+            elif kill.category == COMMITTED:
+                self.centre = max(self.centre - CENTRE_STEP, 0.0)
+            else:
+                self.centre += (fraction - self.centre) / 2
+        self.kills.append(kill)
+        return kill, snapshot
+
+    def where(self, snapshot: Snapshot, step: int) -> tuple[str, str]:
+        """Where the kill of the save of ``step`` landed, from what it left."""
+        if step in snapshot.committed:
+            return COMMITTED, ""
+        attempts = snapshot.partial.get(step, [])
+        for files in attempts:
+            if all(files.get(key, (-1,))[0] == size for key, size in self.reference.items()):
+                return WINDOW, "+".join(sorted(COMMIT_FILES & set(files))) or "data only"
+        return (DURING if attempts else BEFORE), ""
+
+    # Checks
+
+    def check_checkpoints(self, snapshot: Snapshot) -> None:
+        """(1) and (2), given the committed steps in storage."""
+        place, so = self.place, self.so
+        expected = self.committed
+        assert sorted(snapshot.committed) == expected, (sorted(snapshot.committed), expected)
+        latest = zc.latest_checkpoint(place.url, so)
+        assert latest == place.path(expected[-1]), (latest, expected)
+        infos = zc.list_checkpoints(place.url, so)
+        assert sorted(i.number for i in infos if i.committed) == expected, (infos, expected)
+        for info in infos:
+            assert info.name == f"{child.CHECKPOINT_NAME}-{info.number}", info
+            assert info.path == place.path(info.number), info
+            if not info.committed:
+                assert info.nbytes == 0, info
+                assert_not_restorable(info.path, so, self.size)
+                continue
+            assert info.nbytes > self.size, info
+            files = snapshot.committed[info.number]
+            if info.path == latest or self.verified.get(info.number) != files:
+                assert_restores_step(info.path, so, self.seed, self.size)
+                self.verified[info.number] = files
+        manager = zc.CheckpointManager(
+            zc.Checkpoint(model=child.CrashModel(self.seed, self.size)),
+            place.url,
+            max_to_keep=child.MAX_TO_KEEP,
+            checkpoint_name=child.CHECKPOINT_NAME,
+            storage_options=so,
+        )
+        assert manager.latest_checkpoint == latest
+        assert manager.checkpoints == [place.path(step) for step in expected]
+
+    def check_gc(self, before: Snapshot) -> None:
+        """(4): gc removes every leftover and nothing committed."""
+        place = self.place
+        removed = zc.gc(place.url, older_than=0, storage_options=self.so)
+        after = place.snapshot()
+        assert after.leftovers == set(), (after.leftovers, removed)
+        assert after.committed == before.committed, "gc changed a committed checkpoint"
+        gone = [place.normalize(path) for path in removed]
+        for leftover in map(place.normalize, before.leftovers):  # removed, or inside a removed
+            assert any(leftover == p or leftover.startswith(f"{p}/") for p in gone), (
+                leftover,
+                removed,
+            )
+        infos = zc.list_checkpoints(place.url, self.so)
+        assert [(i.number, i.committed) for i in infos] == [(n, True) for n in self.committed]
+
+    # The run
+
+    def run(self, kills: int) -> None:
+        place = self.place
+        self.save_to_completion(1)
+        self.committed = [1]
+        first = place.snapshot()
+        assert sorted(first.committed) == [1] and not first.leftovers, first
+        self.reference = {
+            key: size for key, (size, _) in first.committed[1].items() if key not in COMMIT_FILES
+        }
+        assert sum(self.reference.values()) > self.size, self.reference
+        assert len(self.reference) > self.size // self.chunk, self.reference
+        self.check_checkpoints(first)
+
+        for _ in range(kills):
+            step = self.committed[-1] + 1
+            kill, snapshot = self.kill_during_save(step)
+            now = sorted(snapshot.committed)
+            if kill.category == COMMITTED:
+                allowed = [*self.committed, step]
+                # Retention may have deleted the oldest (marker first) before the kill.
+                choices = [allowed, allowed[1:]] if len(allowed) > child.MAX_TO_KEEP else [allowed]
+                assert now in choices, (kill, now, choices)
+            else:
+                assert now == self.committed, (kill, now, self.committed)
+                assert_not_restorable(place.path(step), self.so, self.size)
+            self.committed = now
+            self.check_checkpoints(snapshot)
+
+            step = self.committed[-1] + 1
+            path = self.save_to_completion(step)
+            self.committed = [*self.committed, step][-child.MAX_TO_KEEP :]
+            snapshot = place.snapshot()
+            assert sorted(snapshot.committed) == self.committed, snapshot.committed
+            assert zc.latest_checkpoint(place.url, self.so) == path  # restored by the next check
+
+            self.check_gc(snapshot)
+
+        self.check_checkpoints(place.snapshot())
+
+    def summary(self) -> str:
+        counts = Counter(kill.category for kill in self.kills)
+        biased = Counter(kill.category for kill in self.kills if kill.biased)
+        seconds = sorted(clean.seconds for clean in self.cleans)
+        window = [kill for kill in self.kills if kill.category == WINDOW]
+        spread = {
+            category: f"{min(fs):.2f}-{max(fs):.2f}"
+            for category in CATEGORIES
+            if (fs := [kill.fraction for kill in self.kills if kill.category == category])
+        }
+        return (
+            f"{self.place.name}: {len(self.kills)} kills (seed {self.seed}): "
+            f"{ {c: counts[c] for c in CATEGORIES} }; biased {sum(biased.values())} of them: "
+            f"{dict(biased)}; SAVED printed before the kill "
+            f"{sum(k.saved_before_kill for k in self.kills)}; clean saves "
+            f"{seconds[0]:.3f}-{seconds[-1]:.3f} s (median {seconds[len(seconds) // 2]:.3f}); "
+            f"window kills had written {dict(Counter(kill.detail for kill in window))}; "
+            f"fractions by category {spread}"
+        )
+
+
+@pytest.fixture(params=list(BACKENDS))
+def place(request, tmp_path) -> Place:
+    if request.param == "local":
+        return LocalPlace(tmp_path / "run")
+    return S3Place(request.getfixturevalue("s3_url"), request.getfixturevalue("s3_storage_options"))
+
+
+def test_sigkill_during_save(place, tmp_path):
+    scenario = Scenario(place, tmp_path, SEED)
+    LEDGER[place.name] = scenario.kills
+    started = time.monotonic()
+    try:
+        scenario.run(kills_for(place.name))
+    finally:
+        if scenario.cleans:
+            print(f"{scenario.summary()}; {time.monotonic() - started:.1f} s")
+
+
+def test_kill_window_share():
+    """At least a quarter of the kills landed after the data and before the commit."""
+    kills = [kill for backend in LEDGER.values() for kill in backend]
+    if not kills:
+        pytest.skip("no crash test ran in this session")
+    in_window = sum(kill.category == WINDOW for kill in kills)
+    by_backend = {
+        name: dict(Counter(kill.category for kill in backend)) for name, backend in LEDGER.items()
+    }
+    assert 4 * in_window >= len(kills), f"{in_window}/{len(kills)} in the window: {by_backend}"
+
+
+def test_s3_process_that_listed_before_sees_a_later_commit(s3_url, s3_storage_options, tmp_path):
+    """A save of step 2 died; the restarted job commits step 2 from another process.
+
+    This process listed the directory before (as a monitor, or a trainer
+    calling latest_checkpoint, does). It must then see the new commit, restore
+    it, and its gc must remove only the dead attempt, never the checkpoint.
+    """
+    place = S3Place(s3_url, s3_storage_options)
+    so = place.storage_options
+    scenario = Scenario(place, tmp_path, SEED)
+    size = scenario.size
+    scenario.save_to_completion(1)
+    scenario.committed = [1]
+    # What a dead writer of step 2 leaves: an attempt prefix with data, no _COMMIT.
+    dead = f"{place.root}/{child.CHECKPOINT_NAME}-2/attempt-{'0' * 32}"
+    place.fs.pipe_file(f"{dead}/zarr.json", b'{"zarr_format": 3, "node_type": "group"}')
+    assert zc.latest_checkpoint(place.url, so) == place.path(1)
+    infos = zc.list_checkpoints(place.url, so)
+    assert sorted((i.number, i.committed) for i in infos) == [(1, True), (2, False)]
+    assert_not_restorable(place.path(2), so, size)
+
+    path = scenario.save_to_completion(2)  # another process commits step 2
+    assert sorted(place.snapshot().committed) == [1, 2]
+    assert zc.latest_checkpoint(place.url, so) == path
+    assert_restores_step(path, so, SEED, size)
+    removed = zc.gc(place.url, older_than=0, storage_options=so)
+    assert sorted(place.snapshot().committed) == [1, 2], removed
+    assert [place.normalize(p) for p in removed] == [dead], removed
+    assert_restores_step(path, so, SEED, size)

@@ -199,3 +199,13 @@ def test_list_checkpoints_reports_uncommitted_and_gc_removes_them(tmp_path):
     assert sorted(os.path.basename(p) for p in removed) == [".ckpt-2.zarrckpt-tmp-0123", "ckpt-9"]
     assert _on_disk(tmp_path) == ["ckpt-1"]
     zc.Checkpoint(model=_model()[1]).restore(tmp_path / "ckpt-1").assert_consumed()
+
+
+def test_gc_removes_a_state_file_replacement_cut_short(tmp_path):
+    ckpt, _ = _model()
+    zc.CheckpointManager(ckpt, tmp_path).save()
+    temp = tmp_path / f"{STATE_FILE}.{'ab' * 16}.tmp"
+    temp.write_text("{half")
+    assert zc.gc(tmp_path, older_than=3600) == []
+    assert zc.gc(tmp_path, older_than=0) == [str(temp)]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1", STATE_FILE]

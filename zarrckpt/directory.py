@@ -28,6 +28,8 @@ from zarrckpt.errors import ZarrckptError
 __all__ = ["CheckpointInfo", "delete_checkpoint", "gc", "latest_checkpoint", "list_checkpoints"]
 
 _NUMBERED = re.compile(r"(?P<name>.+)-(?P<number>\d+)")
+STATE_FILE = "zarrckpt_state.json"
+_STATE_TEMP = re.compile(re.escape(STATE_FILE) + r"\.[0-9a-f]{32}\.tmp")
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 PathLike = str | os.PathLike[str]
 
@@ -203,6 +205,7 @@ def gc(
     """Remove leftovers of interrupted saves and deletes older than ``older_than`` seconds.
 
     Leftovers are: temporary and half-deleted directories of local saves,
+    temporary copies of the manager's state file,
     checkpoint directories without a ``_COMMIT``, attempt prefixes of a
     committed checkpoint other than the one its manifest names (a writer that
     lost a race or died), and on S3 multipart uploads under ``directory``
@@ -223,9 +226,12 @@ def gc(
             removed.append(_display(fs, path))
 
     for name, is_directory in _entries(fs, root):
-        if not is_directory:
-            continue
         path = _join(fs, root, name)
+        if not is_directory:
+            if _STATE_TEMP.fullmatch(name) and _mtime(fs, path) <= cutoff:
+                fs.rm_file(path)  # a state file replacement that was cut short
+                removed.append(_display(fs, path))
+            continue
         if name.startswith(".") and (TEMP_MARKER in name or DELETING_MARKER in name):
             remove(path)
             continue

@@ -18,13 +18,12 @@ from typing import Any, Literal
 from zarrckpt._storage import fsync_directory, is_local
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.checkpoint import Checkpoint
-from zarrckpt.directory import delete_checkpoint, list_checkpoints
+from zarrckpt.directory import STATE_FILE, delete_checkpoint, list_checkpoints
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.variable import Variable
 
 __all__ = ["CheckpointManager"]
 
-STATE_FILE = "zarrckpt_state.json"
 _STATE_FORMAT = 1
 
 

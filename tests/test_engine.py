@@ -174,6 +174,33 @@ def test_options_validate_their_values():
     assert zc.CheckpointOptions().compression_for("a/x") is None
 
 
+def test_progress_is_called_with_every_file_of_a_save_and_a_restore(tmp_path):
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def progress(nbytes: int) -> None:
+        with lock:
+            calls.append(nbytes)
+
+    options = zc.CheckpointOptions(chunk_bytes=64 * KiB, threads=4, progress=progress)
+    model = _big_model()
+    ckpt = zc.Checkpoint(model=model)
+    path = ckpt.write(tmp_path / "c", options=options)
+    stats = ckpt.last_write_stats
+    assert stats is not None
+    # 32 + 16 + 1 chunks, then every array's and every group's zarr.json.
+    assert len(calls) == stats.files > 49 and sum(calls) == stats.nbytes
+    assert max(calls) == 64 * KiB + 4  # one full chunk and its CRC
+
+    calls.clear()
+    fresh = _big_model(rows=512)
+    fresh.a.assign(np.zeros(fresh.a.shape))
+    status = zc.Checkpoint(model=fresh).read(path, options=options)
+    assert len(calls) == status.io_stats.files == 49
+    assert sum(calls) == status.io_stats.nbytes == (32 + 16) * (64 * KiB + 4) + 15 + 4
+    np.testing.assert_array_equal(fresh.a.numpy(), model.a.numpy())
+
+
 # Compression ----------------------------------------------------------------------
 
 

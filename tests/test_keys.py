@@ -239,8 +239,11 @@ def test_validate_key_requires_an_attribute_suffix(key):
 
 @pytest.mark.parametrize(
     ("name", "escaped"),
-    [("zarr.json", "~7Aarr.json"), ("_COMMIT", "~5FCOMMIT"),
-     ("object_graph.msgpack", "~6Fbject_graph.msgpack")],
+    [
+        ("zarr.json", "~7Aarr.json"),
+        ("_COMMIT", "~5FCOMMIT"),
+        ("object_graph.msgpack", "~6Fbject_graph.msgpack"),
+    ],
 )
 def test_names_of_checkpoint_files_are_escaped(name, escaped):
     assert escape_name(name) == escaped

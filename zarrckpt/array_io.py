@@ -228,18 +228,24 @@ class ByteBudget:
 
 @dataclass
 class IOStats:
-    """What one save or restore moved: bytes, files, peak bytes in flight, seconds."""
+    """What one save or restore moved: bytes, files, peak bytes in flight, seconds.
+
+    ``progress`` (``CheckpointOptions.progress``) is called with each file's size.
+    """
 
     nbytes: int = 0
     files: int = 0
     peak_inflight_bytes: int = 0
     seconds: float = 0.0
+    progress: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, nbytes: int) -> None:
         with self._lock:
             self.nbytes += nbytes
             self.files += 1
+        if self.progress is not None:
+            self.progress(nbytes)
 
     @property
     def throughput(self) -> float:
@@ -348,7 +354,7 @@ def write_arrays(
     array and of every group above it is written too.
     """
     options = options or CheckpointOptions()
-    stats = stats if stats is not None else IOStats()
+    stats = stats if stats is not None else IOStats(progress=options.progress)
     tasks: list[Task] = []
     groups: set[str] = set()
     for key, array in arrays:
@@ -504,7 +510,7 @@ def read_selection(
     overlap is copied into the result.
     """
     options = options or CheckpointOptions()
-    stats = stats if stats is not None else IOStats()
+    stats = stats if stats is not None else IOStats(progress=options.progress)
     ranges = [range(*s.indices(n)) for s, n in zip(selection, layout.shape, strict=True)]
     result = np.empty(tuple(len(r) for r in ranges), layout.dtype)
     if result.size == 0:
@@ -562,7 +568,7 @@ def read_arrays(
     its memory.
     """
     options = options or CheckpointOptions()
-    stats = stats if stats is not None else IOStats()
+    stats = stats if stats is not None else IOStats(progress=options.progress)
     tasks: list[Task] = []
     for key, layout, out in targets:
         if tuple(out.shape) != layout.shape:

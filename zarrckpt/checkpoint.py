@@ -91,7 +91,7 @@ class Checkpoint(AutoTrackable):
         plan = build_save_plan(self)
         commit = begin_commit(path, storage_options, fsync=options.fsync)
         storage = commit.create()
-        stats = array_io.IOStats()
+        stats = array_io.IOStats(progress=options.progress)
         try:
             files = array_io.write_arrays(storage, plan.arrays, options, stats)
             commit.finalize(plan.graph.encode(), files)
@@ -208,7 +208,7 @@ class RestoreSession:
     def __init__(self, checkpoint: CommittedCheckpoint, options: CheckpointOptions) -> None:
         self.checkpoint = checkpoint
         self.options = options
-        self.io_stats = array_io.IOStats()
+        self.io_stats = array_io.IOStats(progress=options.progress)
         self.graph = checkpoint.graph
         self._matched: dict[int, weakref.ref[Trackable]] = {}
         self._matched_objects: dict[int, int] = {}  # id(obj) -> node id

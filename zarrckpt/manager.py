@@ -338,7 +338,9 @@ class CheckpointManager:
         """Restore the latest checkpoint and return its path, else run ``init_fn``; return None."""
         latest = self.latest_checkpoint
         if latest is not None:
-            self._checkpoint.restore(latest, storage_options=self._storage_options)
+            self._checkpoint.restore(
+                latest, options=self._options, storage_options=self._storage_options
+            )
             return latest
         if self._init_fn is not None:
             self._init_fn()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from zarrckpt.codecs import Compression
@@ -28,6 +28,10 @@ class CheckpointOptions:
         compression: ``{key pattern: Compression}``; the first ``fnmatch``
             pattern matching an array's key picks its compressor. None by
             default: float data gains little and pays time.
+        progress: called with the size in bytes of each file once it is written
+            or read (from the I/O threads, so it must be thread-safe); for
+            progress bars. The sizes of one save or restore add up to
+            ``IOStats.nbytes``.
 
     Example:
         >>> opts = CheckpointOptions(inflight_bytes=64 << 20,
@@ -40,6 +44,7 @@ class CheckpointOptions:
     inflight_bytes: int = 256 * MiB
     fsync: bool = True
     compression: Mapping[str, Compression] = field(default_factory=dict)
+    progress: Callable[[int], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "threads", "inflight_bytes"):

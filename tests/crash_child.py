@@ -3,7 +3,7 @@
 Usage::
 
     python tests/crash_child.py --dir URL [--storage-options JSON] --seed S --size BYTES
-        --step N [--chunk-bytes B] [--threads T]
+        --step N [--chunk-bytes B] [--threads T] [--data-signal-bytes D]
 
 Builds a deterministic model (a few float32 Variables totalling ``--size``
 bytes whose bit patterns are a function of ``(seed, step)``), restores the
@@ -14,6 +14,9 @@ CheckpointManager (max_to_keep=3). It prints, one line each, flushed:
     RESUMED <path|-> <step|->   what was restored (or "-" for a fresh start)
     READY                      the save starts now (the parent's clock starts here);
                                the disk was synced just before, so saves time alike
+    DATA                       with --data-signal-bytes D: the save has written D bytes
+                               of data files (CheckpointOptions.progress), i.e. all of
+                               them; what follows is the commit
     SAVED <path> <json>        save() returned; json holds the child's timings
     DONE                       background deletions of old checkpoints finished
 
@@ -28,6 +31,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -93,6 +97,21 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+class DataSignal:
+    """A ``CheckpointOptions.progress`` that prints DATA once ``total`` bytes are written."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.said = total, 0, False
+        self._lock = threading.Lock()
+
+    def __call__(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+            if not self.said and self.done >= self.total:
+                self.said = True
+                say("DATA")
+
+
 class TimedCheckpoint(zc.Checkpoint):
     """A Checkpoint that remembers when its last write (data + commit) started and ended."""
 
@@ -112,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, required=True)
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--data-signal-bytes", type=int, default=None)
     args = parser.parse_args(argv)
+    signal = DataSignal(args.data_signal_bytes) if args.data_signal_bytes else None
     storage_options = json.loads(args.storage_options) if args.storage_options else None
 
     model = CrashModel(args.seed, args.size)
@@ -123,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         max_to_keep=MAX_TO_KEEP,
         checkpoint_name=CHECKPOINT_NAME,
         storage_options=storage_options,
-        options=zc.CheckpointOptions(chunk_bytes=args.chunk_bytes, threads=args.threads),
+        options=zc.CheckpointOptions(
+            chunk_bytes=args.chunk_bytes, threads=args.threads, progress=signal
+        ),
     )
 
     # Resume: the latest committed checkpoint must hold exactly the model of its step.

@@ -10,10 +10,12 @@ checkpoint exactly one wins.
 from __future__ import annotations
 
 import os
+import posixpath
 import threading
 import time
 
 import fsspec
+import msgpack
 import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -338,6 +340,51 @@ def test_retried_publish_meeting_its_own_marker_succeeds(backend):
     assert _state(fresh) == _state(model)
 
 
+class _ConflictingPut:
+    """A filesystem whose conditional PUT of _COMMIT fails as S3 answers a race: 409.
+
+    ``race()`` runs first: the other writer's commit, landing meanwhile.
+    """
+
+    def __init__(self, fs, race) -> None:
+        self._fs, self._race = fs, race
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def pipe_file(self, path, data, mode="overwrite", **kwargs):
+        if path.endswith(f"/{COMMIT_KEY}") and mode == "create":
+            self._race()
+            raise OSError(5, "An error occurred (ConditionalRequestConflict) (409)", path)
+        return self._fs.pipe_file(path, data, mode=mode, **kwargs)
+
+
+def test_publish_losing_a_race_with_any_error_is_a_clear_conflict(backend):
+    base, so = backend
+    fs, root = _fs(f"{base}/run/ckpt-9", so)
+    if isinstance(fs, LocalFileSystem):
+        fs = LocalFileSystem(auto_mkdir=True)
+    commits, plans, written = [], [], []
+    for seed in (13, 14):
+        model = _trained(seed=seed)[0]
+        commit = ObjectStoreCommit(fs, root)
+        plan = build_save_plan(zc.Checkpoint(model=model))
+        commits.append(commit)
+        plans.append((model, plan))
+        written.append(array_io.write_arrays(commit.create(), plan.arrays))
+    (winner_model, winner_plan), (_, loser_plan) = plans
+    winner, loser = commits
+    loser.fs = _ConflictingPut(fs, lambda: winner.finalize(winner_plan.graph.encode(), written[0]))
+    with pytest.raises(CheckpointExistsError, match="another writer"):
+        loser.finalize(loser_plan.graph.encode(), written[1])
+    loser.abort()
+    assert msgpack.unpackb(fs.cat_file(f"{root}/{COMMIT_KEY}"))["attempt"] == winner.attempt
+    assert not fs.exists(f"{root}/{loser.attempt}")
+    fresh = Model(seed=1)
+    zc.Checkpoint(model=fresh).restore(f"{base}/run/ckpt-9", storage_options=so).assert_consumed()
+    assert _state(fresh) == _state(winner_model)
+
+
 # Corruption ---------------------------------------------------------------------------
 
 
@@ -563,14 +610,8 @@ def _make_leftovers(base: str, so: dict | None) -> tuple[list[str], dict, dict]:
         with open(os.path.join(doomed, "model", "zarr.json"), "w") as f:
             f.write("{}")
         leftovers.append(os.path.basename(doomed))
-        # A directory named like a checkpoint, without _COMMIT.
-        half = os.path.join(root, "ckpt-4")
-        os.makedirs(half)
-        with open(os.path.join(half, "zarr.json"), "w") as f:
-            f.write("{}")
-        leftovers.append("ckpt-4")
     else:
-        leftovers.append("ckpt-3")
+        leftovers.append(f"ckpt-3/{dead.attempt}")
         # A writer that lost the race for ckpt-2 left its attempt inside the winner.
         loser = begin_commit(next(p for p in committed if p.endswith("-2")), so)
         with pytest.raises(CheckpointExistsError):
@@ -581,9 +622,32 @@ def _make_leftovers(base: str, so: dict | None) -> tuple[list[str], dict, dict]:
     return leftovers, committed, snapshot
 
 
+def _make_foreign(base: str, so: dict | None) -> dict[str, dict[str, int]]:
+    """What gc must never touch besides committed checkpoints; returns its files.
+
+    Directories zarrckpt did not write, though named like checkpoints, and a
+    checkpoint whose _COMMIT this version cannot decode (a newer format), with
+    an attempt inside it that the unreadable manifest may well name.
+    """
+    fs, root = _fs(f"{base}/run", so)
+    join = os.path.join if isinstance(fs, LocalFileSystem) else posixpath.join
+    future = msgpack.packb({"format_name": "zarrckpt.commit", "format": 2})
+    for path, data in [
+        (join(root, "ckpt-4", "zarr.json"), b"{}"),
+        (join(root, "tensorboard-1", "events.out"), b"not a checkpoint"),
+        (join(root, "ckpt-5", "_COMMIT"), future),
+        (join(root, "ckpt-5", f"attempt-{'7' * 32}", "zarr.json"), b"{}"),
+    ]:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, data)
+    names = ("ckpt-4", "tensorboard-1", "ckpt-5")
+    return {name: _files(f"{base}/run/{name}", so) for name in names}
+
+
 def test_gc_removes_leftovers_but_never_committed_checkpoints(backend):
     base, so = backend
     leftovers, committed, before_committed = _make_leftovers(base, so)
+    foreign = _make_foreign(base, so)
     assert zc.gc(f"{base}/run", older_than=3600.0, storage_options=so) == []  # all too young
     time.sleep(0.01)
     removed = zc.gc(f"{base}/run", older_than=0.0, storage_options=so)
@@ -600,8 +664,13 @@ def test_gc_removes_leftovers_but_never_committed_checkpoints(backend):
         fresh = Model(seed=1)
         zc.Checkpoint(model=fresh).restore(path, storage_options=so).assert_consumed()
         assert _state(fresh) == expected
+    assert {name: _files(f"{base}/run/{name}", so) for name in foreign} == foreign
     assert zc.gc(f"{base}/run", older_than=0.0, storage_options=so) == []
-    assert [c.name for c in zc.list_checkpoints(f"{base}/run", storage_options=so)] == [
-        "ckpt-1",
-        "ckpt-2",
+    listed = zc.list_checkpoints(f"{base}/run", storage_options=so)
+    assert sorted((c.name, c.committed) for c in listed) == [
+        ("ckpt-1", True),
+        ("ckpt-2", True),
+        ("ckpt-4", False),
+        ("ckpt-5", False),  # unreadable manifest: not restorable, but never collected
+        ("tensorboard-1", False),  # listed as named like one; never collected
     ]

@@ -24,11 +24,18 @@ committed (the window that matters; on local disk it includes the data's
 fsyncs, the record, and a _COMMIT written but not renamed), or committed. At
 least a quarter of all kills must land in that window (test_kill_window_share,
 which runs after the crash tests). The window is a small part of a save (S3 on
-moto: ~50 ms of ~250) and save times vary as much from run to run, so the
-fractions are biased: a share is uniform over [0, 1.2], the rest is drawn in a
-band around the commit window measured in the first clean save, whose centre
-moves after each biased kill toward the window (later if the kill came before
-the data was written, earlier if after the commit, halfway to a hit).
+moto: ~50 ms of ~250; local: a few ms of ~50) and save times vary more than
+that from run to run, so kills come in three kinds:
+
+- uniform: at a fraction uniform over [0, 1.2] of the measured save time;
+- band: in a band around the commit window measured in the first clean save,
+  whose centre moves after each band kill toward the window (later if the
+  kill came before the data was written, earlier if after the commit, halfway
+  to a hit);
+- signalled: the child prints DATA when its CheckpointOptions.progress has
+  counted every data byte, and the kill follows after a random delay of up to
+  half the commit's measured duration. Only the moment is chosen this way:
+  where the kill landed is still read from storage, like every other kill's.
 
 CI=true runs at least 50 kills in total; otherwise a few per backend.
 ZARRCKPT_CRASH_SEED sets the RNG seed; ZARRCKPT_CRASH_KILLS_LOCAL / _S3 the
@@ -81,13 +88,16 @@ BACKENDS = {
     "s3": (22, 5, 4 * MiB, 512 * 1024, 8),
 }
 MAX_FRACTION = 1.2
+UNIFORM, BAND_KILL, SIGNALLED = "uniform", "band", "signalled"
 UNIFORM_SHARE = 0.2  # of the kills, at a uniform fraction of [0, MAX_FRACTION]
-BAND = 0.03  # half-width of the biased band, as a fraction of the save time
-CENTRE_STEP = 0.02  # how far the band's centre moves after a biased kill missed
+SIGNALLED_SHARE = 0.4  # of the kills, after the child's DATA line
+SIGNAL_DELAY = 0.5  # a signalled kill waits up to this fraction of the commit's duration
+BAND = 0.03  # half-width of the band, as a fraction of the save time
+CENTRE_STEP = 0.02  # how far the band's centre moves after a band kill missed
 RECENT = 5  # clean saves whose median is the measured save time
 READY_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0
-STATE_FILE = "zarrckpt_state.json"
+STATE_FILE = "zarrckpt_state.ckpt.json"
 COMMIT = "_COMMIT"
 # Written by the commit itself, after the data: not part of "every data file".
 COMMIT_FILES = {COMMIT, "object_graph.msgpack", "zarr.json"}
@@ -291,11 +301,15 @@ Place = LocalPlace | S3Place
 class Child:
     """One run of crash_child.py; its stdout lines are timestamped as they arrive."""
 
-    def __init__(self, place: Place, step: int, seed: int, logs: Path) -> None:
+    def __init__(
+        self, place: Place, step: int, seed: int, logs: Path, data_signal_bytes: int | None
+    ) -> None:
         _, _, size, chunk, threads = BACKENDS[place.name]
         command = [sys.executable, str(CHILD), "--dir", place.url, "--seed", str(seed)]
         command += ["--size", str(size), "--step", str(step), "--chunk-bytes", str(chunk)]
         command += ["--threads", str(threads)]
+        if data_signal_bytes is not None:
+            command += ["--data-signal-bytes", str(data_signal_bytes)]
         if place.storage_options is not None:
             command += ["--storage-options", json.dumps(place.storage_options)]
         self.step = step
@@ -364,13 +378,14 @@ class Clean:
     seconds: float  # READY to SAVED, measured here
     data_done: float  # end of the data phase, as a fraction of the child's save time
     commit_done: float  # end of Checkpoint.write (commit included), as a fraction
+    commit_seconds: float  # from the end of the data phase to the end of the commit
 
 
 @dataclass
 class Kill:
     step: int
-    fraction: float
-    biased: bool
+    fraction: float  # of the save time after READY, or (signalled) of the commit after DATA
+    kind: str  # UNIFORM, BAND_KILL or SIGNALLED
     category: str
     saved_before_kill: bool
     detail: str = ""  # for WINDOW: which commit files the dead save had written
@@ -386,7 +401,7 @@ class Scenario:
     rng: random.Random = field(init=False)
     cleans: list[Clean] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
-    centre: float | None = None  # of the biased band, as a fraction of the save time
+    centre: float | None = None  # of the band, as a fraction of the save time
     reference: dict[str, int] = field(default_factory=dict)  # every data file: its size
     committed: list[int] = field(default_factory=list)  # the steps committed now
     verified: dict[int, Files] = field(default_factory=dict)  # files when restored last
@@ -399,8 +414,9 @@ class Scenario:
     def so(self) -> dict[str, Any] | None:
         return self.place.storage_options
 
-    def spawn(self, step: int) -> Child:
-        return Child(self.place, step, self.seed, self.logs)
+    def spawn(self, step: int, *, signal: bool = False) -> Child:
+        data_bytes = sum(self.reference.values()) if signal else None
+        return Child(self.place, step, self.seed, self.logs, data_bytes)
 
     # Saves
 
@@ -418,42 +434,55 @@ class Scenario:
         assert path == self.place.path(step), run
         timings = json.loads(raw_timings)
         save = timings["save"]
+        data_done = timings["write_start"] + timings["data"]
         self.cleans.append(
             Clean(
                 saved - ready,
-                (timings["write_start"] + timings["data"]) / save,
+                data_done / save,
                 timings["write_end"] / save,
+                timings["write_end"] - data_done,
             )
         )
         return path
 
-    def draw_fraction(self) -> tuple[float, bool]:
-        """A share uniform over [0, 1.2]; the rest in a band around the commit window."""
-        if self.rng.random() < UNIFORM_SHARE:
-            return self.rng.uniform(0.0, MAX_FRACTION), False
+    def draw_kill(self) -> tuple[str, float]:
+        """The kind of the next kill and its fraction (see the module docstring)."""
+        draw = self.rng.random()
+        if draw < UNIFORM_SHARE:
+            return UNIFORM, self.rng.uniform(0.0, MAX_FRACTION)
+        if draw < UNIFORM_SHARE + SIGNALLED_SHARE:
+            return SIGNALLED, self.rng.uniform(0.0, SIGNAL_DELAY)
         if self.centre is None:
             first = self.cleans[0]
             self.centre = (first.data_done + first.commit_done) / 2
         low = min(max(self.centre - BAND, 0.0), MAX_FRACTION)
         high = min(max(self.centre + BAND, 0.0), MAX_FRACTION)
-        return self.rng.uniform(low, high), True
+        return BAND_KILL, self.rng.uniform(low, high)
 
     def kill_during_save(self, step: int) -> tuple[Kill, Snapshot]:
-        # The measured save time: median of the last clean saves (one alone is noisier).
-        measured = statistics.median(clean.seconds for clean in self.cleans[-RECENT:])
-        fraction, biased = self.draw_fraction()
-        run = self.spawn(step)
+        # Measured durations: medians of the last clean saves (one alone is noisier).
+        recent = self.cleans[-RECENT:]
+        measured = statistics.median(clean.seconds for clean in recent)
+        commit = statistics.median(clean.commit_seconds for clean in recent)
+        kind, fraction = self.draw_kill()
+        run = self.spawn(step, signal=kind == SIGNALLED)
         ready, _ = run.expect("READY", READY_TIMEOUT)
-        time.sleep(max(0.0, ready + fraction * measured - time.perf_counter()))
+        if kind == SIGNALLED:
+            data, _ = run.expect("DATA", RUN_TIMEOUT)
+            time.sleep(max(0.0, data + fraction * commit - time.perf_counter()))
+        else:
+            time.sleep(max(0.0, ready + fraction * measured - time.perf_counter()))
         run.kill()
         status = run.wait()
         assert status in (-signal.SIGKILL, 0), f"step {step}: exit {status}{run}"
         snapshot = self.place.settle()
         category, detail = self.where(snapshot, step)
-        kill = Kill(step, fraction, biased, category, bool(run.printed("SAVED")), detail)
+        kill = Kill(step, fraction, kind, category, bool(run.printed("SAVED")), detail)
         if kill.saved_before_kill:
             assert kill.category == COMMITTED, (kill, run)
-        if biased and self.centre is not None:  # move the band toward the window
+        if kind == SIGNALLED:  # every data file was written before DATA was printed
+            assert kill.category in (WINDOW, COMMITTED), (kill, run)
+        if kind == BAND_KILL and self.centre is not None:  # move the band toward the window
             if kill.category in (BEFORE, DURING):
                 self.centre = min(self.centre + CENTRE_STEP, MAX_FRACTION)
             elif kill.category == COMMITTED:
@@ -513,12 +542,13 @@ class Scenario:
         after = place.snapshot()
         assert after.leftovers == set(), (after.leftovers, removed)
         assert after.committed == before.committed, "gc changed a committed checkpoint"
-        gone = [place.normalize(path) for path in removed]
-        for leftover in map(place.normalize, before.leftovers):  # removed, or inside a removed
-            assert any(leftover == p or leftover.startswith(f"{p}/") for p in gone), (
-                leftover,
-                removed,
-            )
+        # gc removed leftovers only: each removed path is one, lies inside one or holds one.
+        leftovers = [place.normalize(path) for path in before.leftovers]
+        for path in map(place.normalize, removed):
+            assert any(
+                path == left or path.startswith(f"{left}/") or left.startswith(f"{path}/")
+                for left in leftovers
+            ), (path, leftovers)
         infos = zc.list_checkpoints(place.url, self.so)
         assert [(i.number, i.committed) for i in infos] == [(n, True) for n in self.committed]
 
@@ -565,7 +595,10 @@ class Scenario:
 
     def summary(self) -> str:
         counts = Counter(kill.category for kill in self.kills)
-        biased = Counter(kill.category for kill in self.kills if kill.biased)
+        kinds = {
+            kind: dict(Counter(kill.category for kill in self.kills if kill.kind == kind))
+            for kind in (UNIFORM, BAND_KILL, SIGNALLED)
+        }
         seconds = sorted(clean.seconds for clean in self.cleans)
         window = [kill for kill in self.kills if kill.category == WINDOW]
         spread = {
@@ -575,8 +608,8 @@ class Scenario:
         }
         return (
             f"{self.place.name}: {len(self.kills)} kills (seed {self.seed}): "
-            f"{ {c: counts[c] for c in CATEGORIES} }; biased {sum(biased.values())} of them: "
-            f"{dict(biased)}; SAVED printed before the kill "
+            f"{ {c: counts[c] for c in CATEGORIES} }; by kind {kinds}; "
+            f"SAVED printed before the kill "
             f"{sum(k.saved_before_kill for k in self.kills)}; clean saves "
             f"{seconds[0]:.3f}-{seconds[-1]:.3f} s (median {seconds[len(seconds) // 2]:.3f}); "
             f"window kills had written {dict(Counter(kill.detail for kill in window))}; "

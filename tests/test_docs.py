@@ -24,5 +24,5 @@ def test_quickstart_runs(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "managed").iterdir()) == [
         "ckpt-4",
         "ckpt-5",
-        "zarrckpt_state.json",
+        "zarrckpt_state.ckpt.json",
     ]

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import zarrckpt as zc
-from zarrckpt.manager import STATE_FILE
+from zarrckpt.directory import state_file_name
+
+STATE_FILE = state_file_name("ckpt")
 
 
 def _model(value: float = 0.0) -> tuple[zc.Checkpoint, zc.AutoTrackable]:
@@ -24,7 +26,8 @@ def _names(paths: list[str]) -> list[str]:
 
 
 def _on_disk(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if n != STATE_FILE)
+    """The checkpoint directories (every name but the state files)."""
+    return sorted(n for n in os.listdir(directory) if not n.startswith("zarrckpt_state."))
 
 
 def test_max_to_keep_deletes_oldest_and_numbering_follows_the_counter(tmp_path):
@@ -159,10 +162,133 @@ def test_state_file_is_json_and_disagreement_follows_the_checkpoints(tmp_path):
     assert _names(zc.CheckpointManager(_model()[0], tmp_path).checkpoints) == ["ckpt-1"]
 
 
+def test_metrics_live_in_the_manifests_so_a_lost_state_file_loses_no_best(tmp_path):
+    ckpt, _ = _model()
+    manager = zc.CheckpointManager(ckpt, tmp_path, max_to_keep=2, best_fn="acc")
+    for acc in [0.5, 0.95, 0.7, 0.6]:
+        manager.save(metrics={"acc": acc, "step": 10})
+    manager.wait()
+    assert _on_disk(tmp_path) == ["ckpt-2", "ckpt-3", "ckpt-4"]  # best two and the latest
+    infos = {i.name: i for i in zc.list_checkpoints(tmp_path)}
+    assert infos["ckpt-2"].metadata == {"acc": 0.95, "step": 10}
+    (tmp_path / STATE_FILE).unlink()
+    restarted = zc.CheckpointManager(_model()[0], tmp_path, max_to_keep=2, best_fn="acc")
+    restarted.save(metrics={"acc": 0.1})
+    restarted.wait()
+    assert _on_disk(tmp_path) == ["ckpt-2", "ckpt-3", "ckpt-5"]  # 0.95 and 0.7 stay
+
+
+def test_lost_state_file_keeps_what_may_have_been_preserved(tmp_path):
+    ckpt, _ = _model()
+    manager = zc.CheckpointManager(ckpt, tmp_path, max_to_keep=1, keep_checkpoint_every_n_hours=0)
+    for _ in range(3):
+        manager.save()
+    manager.wait()
+    assert _on_disk(tmp_path) == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    (tmp_path / STATE_FILE).write_text("{damaged")
+    with pytest.warns(RuntimeWarning, match="missing or damaged"):
+        restarted = zc.CheckpointManager(
+            _model()[0], tmp_path, max_to_keep=1, keep_checkpoint_every_n_hours=1000
+        )
+    restarted.save()
+    restarted.save()
+    restarted.wait()
+    # ckpt-1..3 may have been preserved: kept; ckpt-4 was saved since and is not.
+    assert _on_disk(tmp_path) == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-5"]
+    assert _names(restarted.checkpoints) == ["ckpt-5"]
+
+
+def test_managers_of_two_names_share_a_directory(tmp_path):
+    def managers() -> tuple[zc.CheckpointManager, zc.CheckpointManager]:
+        best = zc.CheckpointManager(
+            _model()[0], tmp_path, max_to_keep=1, checkpoint_name="best", best_fn="acc"
+        )
+        recent = zc.CheckpointManager(
+            _model()[0], tmp_path, max_to_keep=2, checkpoint_name="recent"
+        )
+        return best, recent
+
+    best, recent = managers()
+    for acc in [0.9, 0.2, 0.3]:
+        best.save(metrics={"acc": acc})
+        recent.save()
+    best.wait()
+    recent.wait()
+    files = sorted(os.listdir(tmp_path))
+    assert "zarrckpt_state.best.json" in files and "zarrckpt_state.recent.json" in files
+    for restart in range(2):  # each new pair reads its own state and checkpoints
+        best, recent = managers()
+        best.save(metrics={"acc": 0.1})
+        recent.save()
+        best.wait()
+        recent.wait()
+        assert _names(best.checkpoints) == ["best-1", f"best-{4 + restart}"]  # 0.9 and latest
+        assert _names(recent.checkpoints) == [f"recent-{3 + restart}", f"recent-{4 + restart}"]
+    assert _on_disk(tmp_path) == ["best-1", "best-5", "recent-4", "recent-5"]
+
+
+def test_interval_never_saves_twice_at_one_step_as_tensorflow(tmp_path):
+    step = zc.Variable(np.int64(100))
+    ckpt = zc.Checkpoint(model=_model()[1], step=step)
+    manager = zc.CheckpointManager(ckpt, tmp_path, step_counter=step, checkpoint_interval=10)
+    assert _names([manager.save()]) == ["ckpt-1"]
+    assert manager.save(check_interval=False) is None  # the step has not moved
+    step.assign(101)
+    assert manager.save() is None
+    assert _names([manager.save(check_interval=False)]) == ["ckpt-2"]
+
+    resumed_step = zc.Variable(np.int64(0))
+    resumed = zc.CheckpointManager(
+        zc.Checkpoint(model=_model()[1], step=resumed_step),
+        tmp_path,
+        step_counter=resumed_step,
+        checkpoint_interval=10,
+    )
+    assert resumed.restore_or_initialize() == str(tmp_path / "ckpt-2")
+    assert int(resumed_step.numpy()) == 101
+    assert resumed.save() is None and resumed.save(check_interval=False) is None
+    resumed_step.assign(111)
+    assert _names([resumed.save()]) == ["ckpt-3"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"metrics": {"acc": "high"}}, "metrics are numbers"),
+        ({"metrics": {"acc": float("nan")}}, "finite"),
+        ({"metrics": {1: 0.5}}, "metadata key"),
+        ({"checkpoint_number": -1}, "checkpoint_number"),
+        ({"checkpoint_number": "7"}, "checkpoint_number"),
+        ({"checkpoint_number": True}, "checkpoint_number"),
+    ],
+)
+def test_save_refuses_bad_arguments_before_writing(tmp_path, kwargs, match):
+    ckpt, _ = _model()
+    manager = zc.CheckpointManager(ckpt, tmp_path)
+    manager.save()
+    with pytest.raises(zc.errors.InvalidArgumentError, match=match):
+        manager.save(**kwargs)
+    assert _on_disk(tmp_path) == ["ckpt-1"] and int(ckpt.save_counter.numpy()) == 1
+    assert _names(manager.checkpoints) == ["ckpt-1"]
+    assert _names([manager.save()]) == ["ckpt-2"]
+
+
 def test_manager_validates_arguments(tmp_path):
     ckpt, _ = _model()
     with pytest.raises(ValueError, match="max_to_keep"):
         zc.CheckpointManager(ckpt, tmp_path, max_to_keep=0)
+    for bad in [
+        {"max_to_keep": True},
+        {"checkpoint_interval": -3, "step_counter": zc.Variable(np.int64(0))},
+        {"keep_checkpoint_every_n_hours": "2"},
+        {"keep_checkpoint_every_n_hours": float("inf")},
+        {"step_counter": zc.Variable(np.zeros(2))},
+        {"init_fn": 3},
+        {"best_fn": 3},
+        {"checkpoint_name": ".hidden"},
+    ]:
+        with pytest.raises(zc.errors.InvalidArgumentError):
+            zc.CheckpointManager(ckpt, tmp_path, **bad)
     with pytest.raises(ValueError, match="step_counter"):
         zc.CheckpointManager(ckpt, tmp_path, checkpoint_interval=5)
     with pytest.raises(ValueError, match="best_mode"):
@@ -188,7 +314,7 @@ def test_list_checkpoints_reports_uncommitted_and_gc_removes_them(tmp_path):
     ckpt, _ = _model()
     manager = zc.CheckpointManager(ckpt, tmp_path)
     manager.save()
-    (tmp_path / "ckpt-9").mkdir()  # a dead writer's directory without _COMMIT
+    (tmp_path / "ckpt-9").mkdir()  # named like a checkpoint, not written by zarrckpt
     (tmp_path / ".ckpt-2.zarrckpt-tmp-0123").mkdir()  # a local save killed mid-way
     infos = zc.list_checkpoints(tmp_path)
     assert [(i.name, i.committed) for i in infos] == [("ckpt-1", True), ("ckpt-9", False)]
@@ -196,8 +322,10 @@ def test_list_checkpoints_reports_uncommitted_and_gc_removes_them(tmp_path):
     assert "committed" in str(infos[0])
     assert zc.gc(tmp_path, older_than=3600) == []  # too recent to be sure the writer is dead
     removed = zc.gc(tmp_path, older_than=0)
-    assert sorted(os.path.basename(p) for p in removed) == [".ckpt-2.zarrckpt-tmp-0123", "ckpt-9"]
-    assert _on_disk(tmp_path) == ["ckpt-1"]
+    # A local save never leaves a final-named directory without _COMMIT (it is
+    # renamed into place whole), so ckpt-9 is not zarrckpt's to remove.
+    assert [os.path.basename(p) for p in removed] == [".ckpt-2.zarrckpt-tmp-0123"]
+    assert _on_disk(tmp_path) == ["ckpt-1", "ckpt-9"]
     zc.Checkpoint(model=_model()[1]).restore(tmp_path / "ckpt-1").assert_consumed()
 
 

@@ -24,18 +24,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c
 import fsspec
 import msgpack
+import numpy as np
 
 from zarrckpt._storage import (
     FsspecStorage,
@@ -52,6 +55,7 @@ from zarrckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
+    InvalidArgumentError,
     ZarrckptError,
 )
 from zarrckpt.record import ObjectGraph
@@ -77,15 +81,56 @@ DELETING_MARKER = ".zarrckpt-deleting-"
 _MANIFEST_NAME = "zarrckpt.commit"
 _MAX_MANIFEST_BYTES = 256 << 20
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
+_MAX_METADATA_ENTRIES = 256
+_MAX_METADATA_TEXT = 1024
+
+MetadataValue = bool | int | float | str
+
+
+def check_metadata(metadata: Mapping[str, Any] | None, *, where: str) -> dict[str, MetadataValue]:
+    """Validate checkpoint metadata: at most 256 ``str -> bool | int | float | str`` entries.
+
+    Numbers must be finite (NaN sorts nowhere) and ints fit in 64 bits; keys
+    and strings are at most 1024 characters. Raises :class:`InvalidArgumentError`.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgumentError(f"{where}: metadata must be a mapping, got {metadata!r}")
+    if len(metadata) > _MAX_METADATA_ENTRIES:
+        raise InvalidArgumentError(
+            f"{where}: metadata has {len(metadata)} entries, at most {_MAX_METADATA_ENTRIES}"
+        )
+    checked: dict[str, MetadataValue] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 0 < len(key) <= _MAX_METADATA_TEXT:
+            raise InvalidArgumentError(f"{where}: metadata key {key!r} is not a short string")
+        if isinstance(value, np.generic) and value.shape == ():
+            value = value.item()  # numpy scalars, e.g. a loss computed with numpy
+        ok = (
+            isinstance(value, bool)
+            or (isinstance(value, int) and -(1 << 63) <= value < (1 << 63))
+            or (isinstance(value, float) and math.isfinite(value))
+            or (isinstance(value, str) and len(value) <= _MAX_METADATA_TEXT)
+        )
+        if not ok:
+            raise InvalidArgumentError(
+                f"{where}: metadata[{key!r}] = {value!r}; values are bools, 64-bit ints, "
+                "finite floats or short strings"
+            )
+        checked[key] = value
+    return checked
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The commit manifest: format, where the data is, record hash, every file.
+    """The commit manifest: format, where the data is, record hash, every file, metadata.
 
     ``attempt`` is "" when the data is in the checkpoint directory itself
     (local filesystems), else the attempt prefix holding it (object stores).
-    ``created`` is the commit time (seconds since the epoch).
+    ``created`` is the commit time (seconds since the epoch). ``metadata`` is
+    what the writer attached (``Checkpoint.write(metadata=...)``; the
+    manager's metrics), validated by :func:`check_metadata`.
     """
 
     record_sha256: str
@@ -93,6 +138,7 @@ class Manifest:
     attempt: str = ""
     created: float = 0.0
     format: int = FORMAT
+    metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +153,7 @@ class Manifest:
             "created": self.created,
             "record_sha256": self.record_sha256,
             "files": [[f.key, f.size, f.crc32c] for f in self.files],
+            "metadata": dict(self.metadata),
         }
         packed: bytes = msgpack.packb(document, use_bin_type=True)
         return packed
@@ -121,7 +168,7 @@ class Manifest:
                 raw=False,
                 max_bin_len=0,
                 max_ext_len=0,
-                max_map_len=8,
+                max_map_len=_MAX_METADATA_ENTRIES,
                 max_str_len=1 << 16,
                 max_array_len=1 << 24,
             )
@@ -147,11 +194,15 @@ class Manifest:
                 if not (isinstance(key, str) and type(size) is int and type(crc) is int):
                     raise ValueError(f"bad file entry {item!r}")
                 files.append(ChunkFile(check_relative_key(key), size, crc))
+            try:
+                metadata = check_metadata(doc.get("metadata", {}), where=where)
+            except InvalidArgumentError as exc:
+                raise ValueError(str(exc)) from None
         except ZarrckptError:
             raise
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise CorruptCheckpointError(f"{where}: malformed commit manifest ({exc})") from exc
-        return cls(digest, tuple(files), attempt, float(created), version)
+        return cls(digest, tuple(files), attempt, float(created), version, metadata)
 
 
 def root_group_attributes() -> dict[str, Any]:
@@ -193,8 +244,16 @@ class Commit(ABC):
     def storage(self) -> Storage:
         """The storage data is written to (after :meth:`create`)."""
 
-    def finalize(self, record: bytes, files: list[ChunkFile]) -> Manifest:
-        """Write record and root group metadata, then the manifest, atomically."""
+    def finalize(
+        self,
+        record: bytes,
+        files: list[ChunkFile],
+        metadata: Mapping[str, MetadataValue] | None = None,
+    ) -> Manifest:
+        """Write record and root group metadata, then the manifest, atomically.
+
+        ``metadata`` (checked with :func:`check_metadata`) goes into the manifest.
+        """
         storage = self.storage
         group = group_metadata(root_group_attributes())
         storage.write(RECORD_KEY, [record])
@@ -210,6 +269,7 @@ class Commit(ABC):
             tuple(ChunkFile(prefix + f.key, f.size, f.crc32c) for f in every_file),
             attempt=self.attempt,
             created=time.time(),
+            metadata=check_metadata(metadata, where=self.url),
         )
         self.publish(manifest)
         return manifest
@@ -302,16 +362,23 @@ class ObjectStoreCommit(Commit):
         marker = f"{self.root}/{COMMIT_KEY}"
         try:
             self.fs.pipe_file(marker, data, mode="create")
-        except FileExistsError:
-            # A retried PUT whose first try succeeded meets its own marker.
-            if self._marker() != data:
+        except BaseException as exc:
+            # A retried PUT whose first try succeeded meets its own marker, and a
+            # PUT may have landed although its response was lost: read it back.
+            # A marker with other bytes is another writer's, whatever the error
+            # (S3 answers a conditional PUT racing another with 412 or 409).
+            found = self._marker()
+            if found == data:
+                return
+            if found is not None:
                 raise CheckpointExistsError(
                     f"{self.url}: another writer committed this checkpoint first"
                 ) from None
-        except BaseException:
-            # The PUT may have landed although its response was lost.
-            if self._marker() != data:
-                raise
+            if isinstance(exc, FileExistsError):
+                raise CheckpointExistsError(
+                    f"{self.url}: {COMMIT_KEY} exists but cannot be read back"
+                ) from exc
+            raise
 
     def _marker(self) -> bytes | None:
         self.fs.invalidate_cache(f"{self.root}/{COMMIT_KEY}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Self
@@ -22,7 +22,13 @@ from typing import Any, Self
 import numpy as np
 
 from zarrckpt import array_io
-from zarrckpt._commit import CommittedCheckpoint, begin_commit, open_committed
+from zarrckpt._commit import (
+    CommittedCheckpoint,
+    MetadataValue,
+    begin_commit,
+    check_metadata,
+    open_committed,
+)
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._graph import build_save_plan, list_objects
 from zarrckpt.errors import MatchError, UnmatchedValuesWarning
@@ -80,21 +86,26 @@ class Checkpoint(AutoTrackable):
         *,
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
+        metadata: Mapping[str, MetadataValue] | None = None,
     ) -> str:
         """Write a committed checkpoint at ``path``; ``save_counter`` is not incremented.
 
         Returns ``path``. Refuses to write over an existing checkpoint.
         ``options`` tunes chunking, parallelism, the in-flight byte budget and
         compression; what the write moved is in :attr:`last_write_stats`.
+        ``metadata`` (up to 256 ``str -> bool | int | float | str``, e.g. the
+        step and the loss) is stored in the commit manifest and listed by
+        :func:`~zarrckpt.list_checkpoints` without reading the checkpoint.
         """
         options = options or CheckpointOptions()
+        metadata = check_metadata(metadata, where=os.fspath(path))
         plan = build_save_plan(self)
         commit = begin_commit(path, storage_options, fsync=options.fsync)
         storage = commit.create()
         stats = array_io.IOStats(progress=options.progress)
         try:
             files = array_io.write_arrays(storage, plan.arrays, options, stats)
-            commit.finalize(plan.graph.encode(), files)
+            commit.finalize(plan.graph.encode(), files, metadata)
         except BaseException:
             commit.abort()
             raise
@@ -113,6 +124,7 @@ class Checkpoint(AutoTrackable):
         *,
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
+        metadata: Mapping[str, MetadataValue] | None = None,
     ) -> str:
         """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path."""
         counter = self._create_save_counter()
@@ -123,6 +135,7 @@ class Checkpoint(AutoTrackable):
                 f"{os.fspath(file_prefix)}-{number}",
                 options=options,
                 storage_options=storage_options,
+                metadata=metadata,
             )
         except BaseException:
             counter.assign_sub(1)

@@ -72,6 +72,7 @@ def copy_checkpoint(
                 files=tuple(ChunkFile(prefix + f.key, f.size, f.crc32c) for f in copied),
                 attempt=commit.attempt,
                 created=manifest.created,
+                metadata=manifest.metadata,
             )
         )
     except BaseException:

@@ -14,24 +14,29 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import fsspec
 
-from zarrckpt._commit import COMMIT_KEY, DELETING_MARKER, TEMP_MARKER, Manifest
-from zarrckpt._storage import is_local
+from zarrckpt._commit import COMMIT_KEY, DELETING_MARKER, TEMP_MARKER, Manifest, MetadataValue
+from zarrckpt._storage import fsync_directory, is_local
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.errors import ZarrckptError
 
 __all__ = ["CheckpointInfo", "delete_checkpoint", "gc", "latest_checkpoint", "list_checkpoints"]
 
 _NUMBERED = re.compile(r"(?P<name>.+)-(?P<number>\d+)")
-STATE_FILE = "zarrckpt_state.json"
-_STATE_TEMP = re.compile(re.escape(STATE_FILE) + r"\.[0-9a-f]{32}\.tmp")
+_STATE_TEMP = re.compile(r"zarrckpt_state\..+\.json\.[0-9a-f]{32}\.tmp")
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 PathLike = str | os.PathLike[str]
+
+
+def state_file_name(checkpoint_name: str) -> str:
+    """The name of the state file of a manager of ``<checkpoint_name>-<n>`` checkpoints."""
+    return f"zarrckpt_state.{checkpoint_name}.json"
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class CheckpointInfo:
     """One checkpoint directory: where, its number, when, how large, and whether committed.
 
     ``created`` is the commit time for committed checkpoints and the last
-    modification time otherwise; ``nbytes`` is 0 when not committed.
+    modification time otherwise; ``nbytes`` is 0 when not committed;
+    ``metadata`` is what the writer stored in the manifest (a manager's metrics).
     """
 
     path: str
@@ -48,6 +54,7 @@ class CheckpointInfo:
     created: float
     nbytes: int
     committed: bool
+    metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
 
     def __str__(self) -> str:
         when = datetime.fromtimestamp(self.created).isoformat(sep=" ", timespec="seconds")
@@ -78,15 +85,24 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, bool]]
     ]
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Manifest | None:
+def _read_marker(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """The bytes of ``path``'s ``_COMMIT``, or None if it has none."""
     marker = _join(fs, path, COMMIT_KEY)
     fs.invalidate_cache(marker)  # see FsspecStorage.read
     try:
-        data = fs.cat_file(marker)
+        data: bytes = fs.cat_file(marker)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    return data
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Manifest | None:
+    """``path``'s commit manifest, or None if it has none or it does not decode."""
+    data = _read_marker(fs, path)
+    if data is None:
+        return None
     try:
-        return Manifest.decode(data, where=_display(fs, marker))
+        return Manifest.decode(data, where=_display(fs, _join(fs, path, COMMIT_KEY)))
     except ZarrckptError:
         return None
 
@@ -146,6 +162,7 @@ def list_checkpoints(
                 created=manifest.created if manifest else _mtime(fs, path),
                 nbytes=manifest.nbytes if manifest else 0,
                 committed=manifest is not None,
+                metadata=manifest.metadata if manifest else {},
             )
         )
     # By number: times of committed and uncommitted entries come from different
@@ -189,6 +206,7 @@ def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = N
             os.rename(root, doomed)
         except FileNotFoundError:
             return
+        fsync_directory(parent)  # gone for good before the data goes
         shutil.rmtree(doomed)
         return
     with contextlib.suppress(FileNotFoundError):
@@ -204,51 +222,83 @@ def gc(
 ) -> list[str]:
     """Remove leftovers of interrupted saves and deletes older than ``older_than`` seconds.
 
-    Leftovers are: temporary and half-deleted directories of local saves,
-    temporary copies of the manager's state file,
-    checkpoint directories without a ``_COMMIT``, attempt prefixes of a
-    committed checkpoint other than the one its manifest names (a writer that
-    lost a race or died), and on S3 multipart uploads under ``directory``
-    started before the threshold. A committed checkpoint is never removed.
-    Returns what was removed.
+    Only what zarrckpt itself leaves behind is touched:
+
+    - local filesystems: temporary directories of saves (``.<name>.zarrckpt-tmp-*``)
+      and of deletes (``.<name>.zarrckpt-deleting-*``), and temporary copies of
+      a manager's state file;
+    - object stores: ``attempt-<hex>`` prefixes of a checkpoint that its
+      ``_COMMIT`` does not name (a writer that died, lost a race or was being
+      deleted), and multipart uploads under ``directory`` started before the
+      threshold.
+
+    A checkpoint whose ``_COMMIT`` exists is never removed, even one this
+    version cannot decode (a newer format, or damage: :func:`verify` says
+    which), and nothing else in ``directory`` is touched. Returns what was
+    removed.
+
+    Example:
+        >>> gc("s3://bucket/run", older_than=24 * 3600)  # doctest: +SKIP
+        ['s3://bucket/run/ckpt-7/attempt-3f2a...']
     """
     fs, root = resolve_path(directory, storage_options)
     cutoff = time.time() - older_than
     removed: list[str] = []
+    local = is_local(fs)
 
-    def remove(path: str) -> None:
-        if _mtime(fs, path) <= cutoff:
-            if is_local(fs):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(path, recursive=True)
-            removed.append(_display(fs, path))
+    def stale(path: str) -> bool:
+        return _mtime(fs, path) <= cutoff
 
     for name, is_directory in _entries(fs, root):
         path = _join(fs, root, name)
         if not is_directory:
-            if _STATE_TEMP.fullmatch(name) and _mtime(fs, path) <= cutoff:
+            if _STATE_TEMP.fullmatch(name) and stale(path):
                 fs.rm_file(path)  # a state file replacement that was cut short
                 removed.append(_display(fs, path))
             continue
-        if name.startswith(".") and (TEMP_MARKER in name or DELETING_MARKER in name):
-            remove(path)
+        if local:
+            hidden = name.startswith(".") and (TEMP_MARKER in name or DELETING_MARKER in name)
+            if hidden and stale(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
             continue
-        if name.startswith("."):
+        children = _entries(fs, path)
+        attempts = [child for child, is_dir in children if is_dir and _ATTEMPT.fullmatch(child)]
+        if not attempts:
+            if not children and _NUMBERED.fullmatch(name) and stale(path):
+                _remove_empty_directory(fs, path)  # what an aborted attempt leaves
             continue
-        manifest = _read_manifest(fs, path)
-        if manifest is None:
-            if _NUMBERED.fullmatch(name) or any(
-                _ATTEMPT.fullmatch(child) for child, _ in _entries(fs, path)
-            ):
-                remove(path)
-            continue
-        for child, child_is_directory in _entries(fs, path):
-            if child_is_directory and _ATTEMPT.fullmatch(child) and child != manifest.attempt:
-                remove(_join(fs, path, child))
+        marker = _read_marker(fs, path)
+        if marker is None:
+            live = None
+        else:
+            try:
+                live = Manifest.decode(marker, where=_display(fs, path)).attempt
+            except ZarrckptError:
+                continue  # committed in a format this version does not know: not ours to judge
+        for attempt in attempts:
+            if attempt == live:
+                continue
+            leftover = _join(fs, path, attempt)
+            if not stale(leftover):
+                continue
+            # A writer may have published this attempt since the marker was read.
+            again = _read_manifest(fs, path) if marker is None else None
+            if again is not None and again.attempt == attempt:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(leftover, recursive=True)
+            removed.append(_display(fs, leftover))
+        if marker is None and not _entries(fs, path):
+            _remove_empty_directory(fs, path)
     removed.extend(_abort_stale_uploads(fs, root, cutoff))
     return removed
+
+
+def _remove_empty_directory(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Filesystems with real directories keep a checkpoint directory emptied of attempts."""
+    with contextlib.suppress(OSError):  # not empty after all, or already gone
+        fs.rmdir(path)
 
 
 def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float) -> list[str]:
@@ -260,7 +310,9 @@ def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float
     for upload in fs.list_multipart_uploads(bucket):
         key = upload.get("Key", "")
         started = upload.get("Initiated")
-        if not key.startswith(prefix) or not isinstance(started, datetime):
+        if not key.startswith(f"{prefix.rstrip('/')}/" if prefix else "") or not isinstance(
+            started, datetime
+        ):
             continue
         if started.timestamp() <= cutoff:
             fs.call_s3(

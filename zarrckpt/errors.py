@@ -17,6 +17,7 @@ __all__ = [
     "DependencyNameError",
     "DTypeMismatchError",
     "FormatVersionError",
+    "InvalidArgumentError",
     "InvalidKeyError",
     "MatchError",
     "MissingChunkError",
@@ -68,6 +69,13 @@ class RecordError(CorruptCheckpointError):
 
 class FormatVersionError(ZarrckptError, ValueError):
     """The checkpoint was written in a format version this zarrckpt cannot read."""
+
+
+class InvalidArgumentError(ZarrckptError, ValueError, TypeError):
+    """An argument has a value or type the function cannot take; nothing was changed.
+
+    Also a ``ValueError`` and a ``TypeError``, so either catches it.
+    """
 
 
 class InvalidKeyError(ZarrckptError, ValueError):

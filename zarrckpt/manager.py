@@ -6,6 +6,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import threading
 import time
 import uuid
@@ -15,16 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
+from zarrckpt._commit import check_metadata
 from zarrckpt._storage import fsync_directory, is_local
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.checkpoint import Checkpoint
-from zarrckpt.directory import STATE_FILE, delete_checkpoint, list_checkpoints
+from zarrckpt.directory import delete_checkpoint, list_checkpoints, state_file_name
+from zarrckpt.errors import InvalidArgumentError
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.variable import Variable
 
 __all__ = ["CheckpointManager"]
 
 _STATE_FORMAT = 1
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
 
 @dataclass
@@ -33,6 +39,31 @@ class _Entry:
     number: int | None
     created: float
     metrics: dict[str, float] = field(default_factory=dict)
+    # Found when the state file was missing or damaged: it may have been preserved.
+    maybe_preserved: bool = False
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/").replace(os.sep, "/"))
+
+
+def _numeric(metadata: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a checkpoint's metadata: the metrics ``best_fn`` sees."""
+    return {
+        key: float(value)
+        for key, value in metadata.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def _check_number(name: str, value: object, *, integer: bool, least: int) -> None:
+    """``value`` is None or a finite (integer) number of at least ``least``."""
+    if value is None:
+        return
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not least <= value < math.inf:
+        kind = "an int" if integer else "a number"
+        raise InvalidArgumentError(f"{name} must be None or {kind} >= {least}, got {value!r}")
 
 
 class CheckpointManager:
@@ -45,8 +76,11 @@ class CheckpointManager:
     passed; ``restore_or_initialize()`` restores the latest checkpoint or calls
     ``init_fn``. A new manager on an existing directory continues the numbering
     and the retention where the old one stopped: the committed checkpoints in
-    the directory are the truth, the state file adds metrics and preserved
-    checkpoints.
+    the directory are the truth (their manifests hold the metrics given to
+    :meth:`save`); the state file only adds which were preserved. If it is
+    lost, checkpoints that may have been preserved are kept, never deleted.
+    Each ``checkpoint_name`` has its own state file, so managers of several
+    names can share a directory.
 
     Beyond TensorFlow: with ``best_fn`` (a function of the ``metrics`` dict
     given to :meth:`save`, or the name of one metric) and ``best_mode``
@@ -79,15 +113,35 @@ class CheckpointManager:
         options: CheckpointOptions | None = None,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
-            raise TypeError(f"CheckpointManager needs a zarrckpt Checkpoint, got {checkpoint!r}")
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(f"max_to_keep must be None or a positive int, got {max_to_keep!r}")
+            raise InvalidArgumentError(
+                f"CheckpointManager needs a zarrckpt Checkpoint, got {checkpoint!r}"
+            )
+        _check_number("max_to_keep", max_to_keep, integer=True, least=1)
+        _check_number(
+            "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, integer=False, least=0
+        )
+        _check_number("checkpoint_interval", checkpoint_interval, integer=True, least=0)
         if checkpoint_interval is not None and step_counter is None:
-            raise ValueError("checkpoint_interval needs a step_counter to measure it")
+            raise InvalidArgumentError("checkpoint_interval needs a step_counter to measure it")
+        if step_counter is not None and (
+            not isinstance(step_counter, Variable) or step_counter.shape != ()
+        ):
+            raise InvalidArgumentError(
+                f"step_counter must be a scalar zarrckpt Variable, got {step_counter!r}"
+            )
         if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        if not checkpoint_name or "/" in checkpoint_name or checkpoint_name.startswith("."):
-            raise ValueError(f"checkpoint_name {checkpoint_name!r} is not a plain file name")
+            raise InvalidArgumentError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if best_fn is not None and not (isinstance(best_fn, str) or callable(best_fn)):
+            raise InvalidArgumentError(
+                f"best_fn must be a metric name or a function, got {best_fn!r}"
+            )
+        if init_fn is not None and not callable(init_fn):
+            raise InvalidArgumentError(f"init_fn must be callable, got {init_fn!r}")
+        if not isinstance(checkpoint_name, str) or not _PLAIN_NAME.fullmatch(checkpoint_name):
+            raise InvalidArgumentError(
+                f"checkpoint_name {checkpoint_name!r} is not a plain file name "
+                "(letters, digits, '_', '-', '.', not starting with '.')"
+            )
         self._checkpoint = checkpoint
         self._storage_options = storage_options
         self._options = options
@@ -119,26 +173,45 @@ class CheckpointManager:
         ]
         committed.sort(key=lambda c: c.created)  # retention goes by commit order
         state = self._read_state()
-        metrics = {e["name"]: e.get("metrics", {}) for e in state.get("checkpoints", [])}
         preserved_names = set(state.get("preserved", []))
+        state_lost = not state and bool(committed)
         entries: list[_Entry] = []
         preserved: list[_Entry] = []
         for info in committed:
-            entry = _Entry(info.path, info.number, info.created, dict(metrics.get(info.name, {})))
+            entry = _Entry(
+                info.path,
+                info.number,
+                info.created,
+                _numeric(info.metadata),
+                maybe_preserved=state_lost,
+            )
             (preserved if info.name in preserved_names else entries).append(entry)
+        if state_lost and self._keep_every is not None:
+            warnings.warn(
+                f"{self._state_path()} is missing or damaged: which of the {len(committed)} "
+                "checkpoints found were kept by keep_checkpoint_every_n_hours is unknown, so "
+                "none of them will be deleted by retention",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         last = state.get("last_preserved_timestamp")
         return entries, preserved, float(last) if isinstance(last, int | float) else time.time()
 
     def _state_path(self) -> str:
-        return (os.path.join if is_local(self._fs) else posixpath.join)(self._root, STATE_FILE)
+        join = os.path.join if is_local(self._fs) else posixpath.join
+        return join(self._root, state_file_name(self._name))
 
     def _read_state(self) -> dict[str, Any]:
         try:
             raw = self._fs.cat_file(self._state_path())
             state = json.loads(raw)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
             return {}
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != _STATE_FORMAT
+            or state.get("checkpoint_name") != self._name
+        ):
             return {}
         checkpoints = state.get("checkpoints")
         if not isinstance(checkpoints, list) or not all(
@@ -151,15 +224,14 @@ class CheckpointManager:
         """Replace the state file atomically (rename locally; one PUT on object stores)."""
 
         def describe(entry: _Entry) -> dict[str, Any]:
-            name = posixpath.basename(entry.path.rstrip("/"))
-            return {"name": name, "created": entry.created, "metrics": entry.metrics}
+            return {"name": entry.name, "created": entry.created, "metrics": entry.metrics}
 
         state = {
             "format": _STATE_FORMAT,
             "checkpoint_name": self._name,
             "latest": self.latest_checkpoint,
             "checkpoints": [describe(e) for e in self._entries],
-            "preserved": [posixpath.basename(e.path.rstrip("/")) for e in self._preserved],
+            "preserved": [e.name for e in self._preserved],
             "last_preserved_timestamp": self._last_preserved,
         }
         data = json.dumps(state, indent=1).encode()
@@ -199,17 +271,20 @@ class CheckpointManager:
         """Steps between checkpoints when a step counter is given."""
         return self._interval
 
-    def _due(self) -> bool:
-        if self._interval is None or self._step_counter is None:
+    def _due(self, check_interval: bool) -> bool:
+        """TensorFlow's rule: never twice at one step; else every ``checkpoint_interval``."""
+        if self._interval is None or self._step_counter is None or self._last_saved_step is None:
             return True
         step = int(self._step_counter.numpy())
-        return self._last_saved_step is None or step - self._last_saved_step >= self._interval
+        if step == self._last_saved_step:
+            return False
+        return not check_interval or step >= self._last_saved_step + self._interval
 
     def _next_number(self, checkpoint_number: int | None) -> tuple[int, Variable]:
         counter = self._checkpoint._create_save_counter()
         counter.assign_add(1)
         if checkpoint_number is not None:
-            return int(checkpoint_number), counter
+            return checkpoint_number, counter
         highest = max((e.number for e in self._entries + self._preserved if e.number), default=0)
         if int(counter.numpy()) <= highest:  # a restarted job that did not restore the counter
             counter.assign(highest + 1)
@@ -225,22 +300,43 @@ class CheckpointManager:
         """Save a checkpoint numbered ``checkpoint_number`` (default: the save counter).
 
         Returns its path, or None when a ``checkpoint_interval`` has not passed
-        and ``check_interval`` is true. Old checkpoints are deleted in the
-        background afterwards.
+        and ``check_interval`` is true, or (as in TensorFlow) the step counter
+        has not moved since the last save or restore. ``metrics`` (names to
+        numbers, e.g. ``{"loss": 0.31}``) are stored in the checkpoint's
+        manifest, where ``best_fn`` finds them even after a restart. Old
+        checkpoints are deleted in the background afterwards.
         """
-        if check_interval and not self._due():
+        if checkpoint_number is not None and (
+            isinstance(checkpoint_number, bool)
+            or not isinstance(checkpoint_number, int | np.integer)
+            or checkpoint_number < 0
+        ):
+            raise InvalidArgumentError(
+                f"checkpoint_number must be a non-negative int, got {checkpoint_number!r}"
+            )
+        metadata = check_metadata(metrics, where=f"{self._directory}: save(metrics=...)")
+        if any(not isinstance(v, int | float) or isinstance(v, bool) for v in metadata.values()):
+            raise InvalidArgumentError(
+                f"{self._directory}: save(metrics={metrics!r}): metrics are numbers"
+            )
+        if not self._due(check_interval):
             return None
-        number, counter = self._next_number(checkpoint_number)
+        number, counter = self._next_number(
+            None if checkpoint_number is None else int(checkpoint_number)
+        )
         prefix = os.path.join if is_local(self._fs) else posixpath.join
         target = prefix(self._directory, f"{self._name}-{number}")
         try:
             path = self._checkpoint.write(
-                target, options=options or self._options, storage_options=self._storage_options
+                target,
+                options=options or self._options,
+                storage_options=self._storage_options,
+                metadata=metadata,
             )
         except BaseException:
             counter.assign_sub(1)
             raise
-        entry = _Entry(path, number, time.time(), {k: float(v) for k, v in (metrics or {}).items()})
+        entry = _Entry(path, number, time.time(), _numeric(metadata))
         self._entries.append(entry)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
@@ -263,7 +359,9 @@ class CheckpointManager:
         for entry in doomed:
             self._entries.remove(entry)
             hours = self._keep_every
-            if hours is not None and entry.created - self._last_preserved >= hours * 3600:
+            if hours is not None and entry.maybe_preserved:
+                self._preserved.append(entry)  # the state file that knew was lost
+            elif hours is not None and entry.created - self._last_preserved >= hours * 3600:
                 self._last_preserved = entry.created
                 self._preserved.append(entry)
             else:
@@ -311,14 +409,14 @@ class CheckpointManager:
             return
         failures, self._delete_failures[:] = list(self._delete_failures), []
         still_there = {
-            c.path
+            c.name
             for c in list_checkpoints(
                 self._directory, self._storage_options, checkpoint_name=self._name
             )
             if c.committed
         }
         for entry, _ in failures:
-            if entry.path in still_there:
+            if entry.name in still_there:
                 self._entries.append(entry)  # retried by the next sweep
         self._entries.sort(key=lambda e: e.created)
         message = "; ".join(f"{e.path}: {exc}" for e, exc in failures)
@@ -341,6 +439,8 @@ class CheckpointManager:
             self._checkpoint.restore(
                 latest, options=self._options, storage_options=self._storage_options
             )
+            if self._step_counter is not None:  # no save at the step just restored
+                self._last_saved_step = int(self._step_counter.numpy())
             return latest
         if self._init_fn is not None:
             self._init_fn()

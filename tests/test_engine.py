@@ -330,3 +330,37 @@ def test_blosc_header_lying_about_its_size_is_refused(tmp_path):
     _rewrite_chunk(chunk, bytes(body))
     with pytest.raises(CorruptCheckpointError, match="declares 1073741824 decoded bytes"):
         zc.Checkpoint(model=_compressible_model()).read(path)
+
+
+# Durability -------------------------------------------------------------------------
+
+
+def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    model = zc.AutoTrackable()
+    model.cube = zc.Variable(np.ones((4, 3, 2), np.float32))  # chunk files c/0/0/0: deep dirs
+    model.flat = zc.Variable(np.arange(5, dtype=np.int64))
+    path = zc.Checkpoint(model=model).write(
+        tmp_path / "new" / "parents" / "ckpt-1", options=zc.CheckpointOptions(chunk_bytes=24)
+    )
+    final = Path(path)
+    temp_prefix = str(final.parent / f".{final.name}.zarrckpt-tmp-")
+
+    def as_final(name: str) -> str:  # synced under the temporary name, before the rename
+        if name.startswith(temp_prefix):
+            return str(final) + name[len(temp_prefix) + 32 :]
+        return name
+
+    durable = {as_final(name) for name in synced}
+    everything = {str(p) for p in final.rglob("*")} | {str(final)}
+    assert everything - durable == set()
+    # The new parents' entries too: each parent directory was fsynced after the rename.
+    assert {str(final.parent), str(tmp_path / "new"), str(tmp_path)} <= durable
+    assert len(list((final / "model/cube/.ATTRIBUTES/VARIABLE_VALUE/c").rglob("*"))) > 4

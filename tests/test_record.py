@@ -264,6 +264,14 @@ def test_other_versions_raise_format_version_error(version):
         ObjectGraph.decode(_pack(doc))
 
 
+def test_newer_version_with_new_fields_raises_format_version_error():
+    doc = _doc()
+    doc["version"] = 2
+    doc["shards"] = []  # a field a later version may add
+    with pytest.raises(FormatVersionError, match="version 2"):
+        ObjectGraph.decode(_pack(doc))
+
+
 @pytest.mark.parametrize("version", [True, "1", 1.0, None, -1, [1]])
 def test_malformed_version_raises_record_error(version):
     doc = _doc()

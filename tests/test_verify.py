@@ -92,3 +92,54 @@ def test_a_valid_chunk_swapped_in_from_elsewhere_is_caught(tmp_path):
     (chunks / "1" / "0").write_bytes((chunks / "0" / "0").read_bytes())
     with pytest.raises(ChecksumError, match=r"c/1/0: CRC32C does not match the commit manifest"):
         zc.verify(path)
+
+
+def _rewrite_metadata(path: Path, key: str, **changes) -> None:
+    """Change fields of an array's zarr.json (and its manifest CRC, as a forger would)."""
+    import json
+
+    import crc32c
+    import msgpack
+
+    meta_path = path / key / "zarr.json"
+    doc = json.loads(meta_path.read_text())
+    for field, value in changes.items():
+        if field == "chunk_shape":
+            doc["chunk_grid"]["configuration"]["chunk_shape"] = value
+        else:
+            doc[field] = value
+    data = json.dumps(doc).encode()
+    meta_path.write_bytes(data)
+    commit = msgpack.unpackb((path / "_COMMIT").read_bytes())
+    for entry in commit["files"]:
+        if entry[0] == f"{key}/zarr.json":
+            entry[1], entry[2] = len(data), crc32c.crc32c(data)
+    (path / "_COMMIT").write_bytes(msgpack.packb(commit))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"chunk_shape": [2**40, 64]}, "within the array"),
+        ({"chunk_shape": [2**62, 64]}, "within the array"),
+        ({"shape": [2**40, 64]}, "record says"),
+        ({"data_type": "float99"}, "float99"),
+        ({"data_type": "int32"}, "record says float32"),
+    ],
+)
+def test_damaged_array_metadata_is_corruption_never_a_huge_buffer(tmp_path, changes, match):
+    path = _saved(tmp_path)
+    _rewrite_metadata(path, KEY, **changes)
+    model = zc.AutoTrackable()
+    model.w = zc.Variable(np.zeros((64, 64), np.float32))
+    model.b = zc.Variable(np.ones(7, np.int16))
+    with pytest.raises(CorruptCheckpointError, match=match):
+        zc.Checkpoint(model=model).restore(path)
+    assert not model.w.numpy().any() and model.b.numpy().all()  # nothing was read
+    with pytest.raises(CorruptCheckpointError, match=match):
+        zc.load_variable(path, KEY, index=slice(0, 2))
+    with pytest.raises(CorruptCheckpointError, match=match):
+        zc.verify(path)
+    from zarrckpt.cli import main
+
+    assert main(["verify", str(path)]) == 4

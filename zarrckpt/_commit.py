@@ -286,6 +286,7 @@ class LocalCommit(Commit):
         self.temp_path = os.path.join(parent, f".{name}{TEMP_MARKER}{uuid.uuid4().hex}")
         self.fsync = fsync
         self._storage: LocalStorage | None = None
+        self._new_parents: list[str] = []
 
     @property
     def attempt(self) -> str:
@@ -302,6 +303,10 @@ class LocalCommit(Commit):
             raise CheckpointExistsError(
                 f"{self.path} already exists; a checkpoint is never written over another"
             )
+        missing = self.parent
+        while not os.path.isdir(missing):  # parents this save creates, deepest first
+            self._new_parents.append(missing)
+            missing = os.path.dirname(missing)
         os.makedirs(self.parent, exist_ok=True)
         os.mkdir(self.temp_path)
         self._storage = LocalStorage(self.temp_path, fsync=self.fsync)
@@ -323,6 +328,8 @@ class LocalCommit(Commit):
             raise
         if self.fsync:
             fsync_directory(self.parent)
+            for created in self._new_parents:
+                fsync_directory(os.path.dirname(created))
 
     def abort(self) -> None:
         shutil.rmtree(self.temp_path, ignore_errors=True)

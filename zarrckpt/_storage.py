@@ -87,7 +87,11 @@ class LocalStorage(Storage):
                 return
         os.makedirs(directory, exist_ok=True)
         with self._lock:
-            self._made_dirs.add(directory)
+            # makedirs may have created the directories above it too: each one's
+            # entry lives in its parent, and sync() fsyncs them all.
+            while directory not in self._made_dirs and len(directory) > len(self.root):
+                self._made_dirs.add(directory)
+                directory = os.path.dirname(directory)
 
     def write(self, key: str, parts: Sequence[Buffer]) -> None:
         path = self._path(key)

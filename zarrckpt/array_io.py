@@ -42,7 +42,12 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarrckpt._dtypes import dtype_from_name, dtype_name, zarr_dtype
 from zarrckpt._storage import Storage
 from zarrckpt.codecs import Compression, compression_from_metadata
-from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
+from zarrckpt.errors import (
+    ChecksumError,
+    CorruptCheckpointError,
+    MissingChunkError,
+    UnsupportedDTypeError,
+)
 from zarrckpt.options import CheckpointOptions
 
 __all__ = [
@@ -388,8 +393,17 @@ def write_arrays(
 # Reading ------------------------------------------------------------------------
 
 
-def read_layout(storage: Storage, key: str) -> ArrayLayout:
-    """Parse and check an array's ``zarr.json``; only layouts zarrckpt writes are accepted."""
+def read_layout(
+    storage: Storage,
+    key: str,
+    shape: tuple[int, ...] | None = None,
+    dtype: np.dtype[Any] | None = None,
+) -> ArrayLayout:
+    """Parse and check an array's ``zarr.json``; only layouts zarrckpt writes are accepted.
+
+    ``shape`` and ``dtype``, when given (the record's), must match the metadata,
+    so a damaged ``zarr.json`` can never size a buffer.
+    """
     where = f"{storage.url}/{key}/zarr.json"
     try:
         raw = storage.read(f"{key}/zarr.json")
@@ -399,7 +413,7 @@ def read_layout(storage: Storage, key: str) -> ArrayLayout:
         raise CorruptCheckpointError(f"{where}: metadata is {len(raw)} bytes, over the limit")
     try:
         doc = json.loads(raw)
-        shape = tuple(int(d) for d in doc["shape"])
+        stored_shape = tuple(int(d) for d in doc["shape"])
         chunk_shape = tuple(int(d) for d in doc["chunk_grid"]["configuration"]["chunk_shape"])
         codecs = doc["codecs"]
         names = [c["name"] for c in codecs]
@@ -425,15 +439,29 @@ def read_layout(storage: Storage, key: str) -> ArrayLayout:
             "blosc lz4] + crc32c)"
         )
     compression = compression_from_metadata(codecs[1], where) if len(codecs) == 3 else None
-    layout = ArrayLayout(shape, dtype_from_name(data_type), chunk_shape, compression)
+    try:
+        stored_dtype = dtype_from_name(data_type)
+    except UnsupportedDTypeError as exc:
+        raise CorruptCheckpointError(f"{where}: {exc}") from None
+    layout = ArrayLayout(stored_shape, stored_dtype, chunk_shape, compression)
     if (
-        len(chunk_shape) != len(shape)
-        or any(c < 1 for c in chunk_shape)
+        len(chunk_shape) != len(stored_shape)
+        or any(s < 0 for s in stored_shape)
+        # zarrckpt's chunks never exceed the array (an empty axis has chunks of 1)
+        or any(not 1 <= c <= max(s, 1) for c, s in zip(chunk_shape, stored_shape, strict=True))
         or not layout.is_contiguous_runs()
     ):
         raise CorruptCheckpointError(
-            f"{where}: chunk shape {chunk_shape} of shape {shape} is not split along "
-            "leading axes only"
+            f"{where}: chunk shape {chunk_shape} of shape {stored_shape} is not split along "
+            "leading axes only, within the array"
+        )
+    if shape is not None and stored_shape != tuple(shape):
+        raise CorruptCheckpointError(
+            f"{where}: shape {list(stored_shape)}, the record says {list(shape)}"
+        )
+    if dtype is not None and stored_dtype != dtype.newbyteorder("="):
+        raise CorruptCheckpointError(
+            f"{where}: dtype {dtype_name(stored_dtype)}, the record says {dtype_name(dtype)}"
         )
     return layout
 

@@ -332,7 +332,9 @@ class RestoreSession:
         storage = self.checkpoint.storage
         targets = []
         for attribute, _, destination in transfers:
-            layout = array_io.read_layout(storage, attribute.key)
+            layout = array_io.read_layout(
+                storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+            )
             targets.append((attribute.key, layout, destination))
         array_io.read_arrays(storage, targets, self.options, self.io_stats)
         for attribute, saveable, destination in transfers:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from zarrckpt._commit import CommittedCheckpoint, open_committed
+from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._keys import ATTRIBUTES
 from zarrckpt.array_io import ArrayLayout, read_layout, read_selection
 from zarrckpt.errors import VariableNotFoundError
@@ -133,7 +134,9 @@ def load_variable(
     """
     checkpoint = open_committed(path, storage_options)
     attribute = _find(checkpoint, key)
-    layout = read_layout(checkpoint.storage, attribute.key)
+    layout = read_layout(
+        checkpoint.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+    )
     return _load(checkpoint, attribute, layout, index, options)
 
 
@@ -155,7 +158,9 @@ class LazyVariable:
     ) -> None:
         self._checkpoint = checkpoint
         self._attribute = attribute
-        self._layout = read_layout(checkpoint.storage, attribute.key)
+        self._layout = read_layout(
+            checkpoint.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+        )
         self._options = options
 
     @property

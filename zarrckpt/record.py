@@ -197,15 +197,18 @@ class ObjectGraph:
         except (ValueError, msgpack.UnpackException, TypeError) as exc:
             raise RecordError(f"{where}: not a valid msgpack record ({exc})") from exc
         reader = _Reader(where)
+        # The version first: a newer version may well have other fields.
+        if isinstance(document, dict) and document.get("format") == FORMAT_NAME:
+            version = reader.integer(document.get("version"), "version")
+            if version != FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{where}: record format version {version}; this zarrckpt reads "
+                    f"version {FORMAT_VERSION}"
+                )
         doc = reader.mapping(document, "record", {"format", "version", "nodes"})
         if doc["format"] != FORMAT_NAME:
             raise RecordError(f"{where}: format is {doc['format']!r}, expected {FORMAT_NAME!r}")
         version = reader.integer(doc["version"], "version")
-        if version != FORMAT_VERSION:
-            raise FormatVersionError(
-                f"{where}: record format version {version}; this zarrckpt reads "
-                f"version {FORMAT_VERSION}"
-            )
         raw_nodes = reader.sequence(doc["nodes"], "nodes")
         nodes = tuple(reader.node(raw, f"nodes[{i}]") for i, raw in enumerate(raw_nodes))
         graph = cls(nodes=nodes, version=version)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from zarrckpt._commit import COMMIT_KEY, open_committed
+from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._storage import Storage
 from zarrckpt.array_io import (
     ChunkFile,
@@ -111,7 +112,9 @@ def verify(
         arrays += 1
         if f"{attribute.key}/zarr.json" not in listed:
             raise MissingChunkError(f"{storage.url}/{attribute.key}: not in {COMMIT_KEY}")
-        layout = read_layout(storage, attribute.key)
+        layout = read_layout(
+            storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+        )
         if layout.shape != attribute.shape:
             raise CorruptCheckpointError(
                 f"{storage.url}/{attribute.key}: shape {layout.shape}, record says "

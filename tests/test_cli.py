@@ -142,6 +142,48 @@ def test_diff_keys_and_values(saved, capsys, tmp_path):
     assert "- save_counter/.ATTRIBUTES/VARIABLE_VALUE" in out
 
 
+def test_diff_sees_changes_under_an_object_named_c(capsys, tmp_path):
+    model = zc.AutoTrackable()
+    model.lstm = zc.AutoTrackable()
+    model.lstm.c = zc.Variable(np.zeros((3, 2)))  # LSTM cell state: a component named "c"
+    model.lstm.h = zc.Variable(np.zeros(2))
+    ckpt = zc.Checkpoint(model=model)
+    a = ckpt.write(tmp_path / "a", options=zc.CheckpointOptions(chunk_bytes=16))
+    model.lstm.c.assign(np.ones((3, 2)))
+    b = ckpt.write(tmp_path / "b", options=zc.CheckpointOptions(chunk_bytes=16))
+    code, out, _ = _run(capsys, "diff", "--values", a, b)
+    assert code == 1
+    assert out.splitlines() == ["~ model/lstm/c/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 1"]
+
+
+def test_diff_values_of_complex_numbers_and_nans(capsys, tmp_path):
+    model = zc.AutoTrackable()
+    model.z = zc.Variable(np.array([1 + 2j, 3 - 1j], np.complex64))
+    model.f = zc.Variable(np.array([1.0, 2.0, np.inf], np.float32))
+    ckpt = zc.Checkpoint(model=model)
+    a = ckpt.write(tmp_path / "a")
+    model.z.assign(np.array([1 + 9j, 3 - 1j]))
+    model.f.assign(np.array([1.5, np.nan, np.inf]))
+    b = ckpt.write(tmp_path / "b")
+    code, out, _ = _run(capsys, "diff", "--values", a, b)
+    assert code == 1
+    assert out.splitlines() == [
+        "~ model/f/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 0.5, 1 values NaN in one only",
+        "~ model/z/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 7",
+    ]
+
+
+def test_ls_and_gc_of_a_missing_directory_exit_3(capsys, tmp_path):
+    for command in ("ls", "gc"):
+        code, _, err = _run(capsys, command, str(tmp_path / "nowhere"))
+        assert code == 3 and "does not exist" in err, command
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(capsys, "ls", str(tmp_path / "file"))
+    assert code == 3 and "is not a directory" in err
+    code, out, _ = _run(capsys, "ls", str(tmp_path))
+    assert code == 0 and "no checkpoints in" in out
+
+
 def test_cp_local_to_local_is_verified_and_committed(saved, capsys, tmp_path):
     directory, model = saved
     code, out, _ = _run(capsys, "cp", str(directory / "ckpt-2"), str(tmp_path / "copy"))
@@ -198,6 +240,21 @@ def test_s3_commands_and_copy_both_ways(saved, capsys, tmp_path, s3_url, s3_stor
     assert code == 0 and "OK" in out
     code, _, _ = _run(capsys, "--storage-options", options, "cp", remote, str(tmp_path / "back"))
     assert code == 0
+    other = f"{s3_url}/run/ckpt-1"
+    code, _, _ = _run(
+        capsys, "--storage-options", options, "cp", "--destination-storage-options", options,
+        str(directory / "ckpt-1"), other,
+    )  # fmt: skip
+    assert code == 0
+    code, out, _ = _run(capsys, "--storage-options", options, "diff", "--values", other, remote)
+    assert code == 1
+    assert "~ model/embedding/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 1.5" in out
+    code, out, _ = _run(capsys, "--storage-options", options, "dot", remote)
+    assert code == 0 and out.startswith("digraph")
+    code, out, _ = _run(capsys, "--storage-options", options, "gc", f"{s3_url}/run")
+    assert code == 0 and "0 leftovers removed" in out
+    code, _, err = _run(capsys, "--storage-options", options, "ls", f"{s3_url}/nowhere")
+    assert code == 3 and "does not exist" in err
     np.testing.assert_array_equal(
         zc.load_variable(tmp_path / "back", "model/embedding"), model.embedding.numpy()
     )

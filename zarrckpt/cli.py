@@ -28,6 +28,7 @@ import numpy as np
 import zarrckpt as zc
 from zarrckpt._commit import open_committed
 from zarrckpt._dtypes import dtype_from_name
+from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.array_io import read_layout
 from zarrckpt.errors import (
     CheckpointNotFoundError,
@@ -38,6 +39,7 @@ from zarrckpt.errors import (
 
 __all__ = ["main"]
 
+_ARRAY_FILE = re.compile(r"(?P<key>.+)/(?:zarr\.json|c(?:/\d+)*)")
 EXIT_DIFFERENT, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_ERROR = 1, 2, 3, 4, 5
 MiB = 1 << 20
 _UNITS = {
@@ -93,7 +95,16 @@ class Progress:
 # Commands ---------------------------------------------------------------------
 
 
+def _require_directory(directory: str, storage_options: dict[str, Any] | None) -> None:
+    fs, root = resolve_path(directory, storage_options)
+    fs.invalidate_cache(root)
+    if not fs.isdir(root):
+        what = "is not a directory" if fs.exists(root) else "does not exist"
+        raise CheckpointNotFoundError(f"{directory} {what}")
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
+    _require_directory(args.directory, args.storage_options)
     infos = zc.list_checkpoints(args.directory, args.storage_options)
     if not infos:
         print(f"no checkpoints in {args.directory}")
@@ -182,14 +193,27 @@ def _fingerprints(checkpoint: Any) -> dict[str, tuple[tuple[str, int, int], ...]
     keys = {a.key for _, a in checkpoint.graph.attributes()}
     for entry in checkpoint.manifest.files:
         relative = entry.key[len(prefix) :]
-        owner = (
-            relative.rsplit("/zarr.json", 1)[0]
-            if relative.endswith("/zarr.json")
-            else (relative.split("/c/")[0] if "/c/" in relative else relative.removesuffix("/c"))
-        )
-        if owner in keys:
-            by_key.setdefault(owner, []).append((relative, entry.size, entry.crc32c))
+        # <key>/zarr.json or a chunk <key>/c[/i/j...]; a key's own components may be "c".
+        match = _ARRAY_FILE.fullmatch(relative)
+        if match is not None and match["key"] in keys:
+            by_key.setdefault(match["key"], []).append((relative, entry.size, entry.crc32c))
     return {key: tuple(sorted(files)) for key, files in by_key.items()}
+
+
+def value_difference(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> str:
+    """How two arrays of one shape differ: the max abs difference, and NaNs in one only."""
+    wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
+    a, b = x.astype(wide), y.astype(wide)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    both = ~(nan_a | nan_b)
+    a, b = a[both], b[both]
+    with np.errstate(invalid="ignore"):  # inf - inf; np.where keeps 0 for those
+        delta = np.where(a == b, 0.0, np.abs(a - b))  # equal infinities differ by 0
+    text = f"max abs difference {delta.max() if delta.size else 0.0:.6g}"
+    nan_changed = int(np.count_nonzero(nan_a != nan_b))
+    if nan_changed:
+        text += f", {nan_changed} values NaN in one only"
+    return text
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -214,8 +238,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 y = zc.load_variable(args.b, key, storage_options=args.storage_options)
                 if np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"):
                     continue  # same values, other bytes (say, other chunks or codecs)
-                delta = np.abs(x.astype(np.float64) - y.astype(np.float64))
-                detail = f": max abs difference {np.nanmax(delta) if delta.size else 0:.6g}"
+                detail = f": {value_difference(x, y)}"
             print(f"~ {key}{detail}")
         else:
             continue
@@ -244,6 +267,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    _require_directory(args.directory, args.storage_options)
     removed = zc.gc(args.directory, args.older_than, args.storage_options)
     for path in removed:
         print(f"removed {path}")

@@ -307,7 +307,11 @@ def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float
         return []
     bucket, _, prefix = root.partition("/")
     aborted = []
-    for upload in fs.list_multipart_uploads(bucket):
+    try:
+        uploads = fs.list_multipart_uploads(bucket)
+    except FileNotFoundError:  # no such bucket: nothing to abort
+        return []
+    for upload in uploads:
         key = upload.get("Key", "")
         started = upload.get("Initiated")
         if not key.startswith(f"{prefix.rstrip('/')}/" if prefix else "") or not isinstance(

@@ -319,6 +319,27 @@ def test_numpy_state_shape_mismatch_raises_and_changes_nothing(tmp_path: Path) -
     assert fresh.step == 0
 
 
+def test_failed_restore_creates_no_numpy_state_attribute(tmp_path: Path) -> None:
+    state = zc.NumpyState()
+    state.a = np.arange(3, dtype=np.int32)
+    model = zc.AutoTrackable()
+    model.v = zc.Variable(np.ones(5))
+    path = zc.Checkpoint(s=state, m=model).write(tmp_path / "c")
+
+    fresh_state = zc.NumpyState()  # lacks "a": restore would create it
+    fresh_model = zc.AutoTrackable()
+    fresh_model.v = zc.Variable(np.zeros(6))  # the wrong shape: the restore fails
+    with pytest.raises(ShapeMismatchError, match="m/v"):
+        zc.Checkpoint(s=fresh_state, m=fresh_model).restore(path)
+    assert fresh_state._checkpoint_dependencies() == []
+    assert not hasattr(fresh_state, "a") or fresh_state.a is None
+    # Nothing stands in the way of a later save, or of a restore that fits.
+    zc.Checkpoint(s=fresh_state).write(tmp_path / "after")
+    zc.Checkpoint(s=fresh_state).restore(path).expect_partial()
+    np.testing.assert_array_equal(fresh_state.a, np.arange(3, dtype=np.int32))
+    assert [name for name, _ in fresh_state._checkpoint_dependencies()] == ["a"]
+
+
 def test_numpy_state_scalar_dtype_mismatch_raises(tmp_path: Path) -> None:
     state = zc.NumpyState()
     state.step = np.int64(3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -82,10 +84,17 @@ class PythonState(Trackable, metaclass=ABCMeta):
 class _NumpyValue(Trackable):
     """Holds one NumpyState attribute: an array (restored in place) or a scalar."""
 
-    def __init__(self, value: np.ndarray[Any, Any] | np.generic | None) -> None:
+    def __init__(
+        self,
+        value: np.ndarray[Any, Any] | np.generic | None,
+        attach: Callable[[_NumpyValue], None] | None = None,
+    ) -> None:
         # None marks a placeholder created by restore for an attribute the live
-        # object does not have yet: it takes whatever shape and dtype was saved.
+        # object does not have yet: it takes whatever shape and dtype was saved,
+        # and joins the object (``attach``) only once its value is restored, so
+        # a restore that fails leaves no trace.
         self.value = value
+        self.attach = attach
 
     def _saveable_values(self) -> dict[str, SaveableValue]:
         return {VARIABLE_VALUE: _NumpyAttributeValue(self)}
@@ -113,11 +122,15 @@ class _NumpyAttributeValue(SaveableValue):
         return np.empty(shape, dtype)
 
     def commit(self, array: np.ndarray[Any, Any]) -> None:
-        live = self._holder.value
+        holder = self._holder
+        live = holder.value
         if live is None or (isinstance(live, np.ndarray) and array is not live):
-            self._holder.value = array
+            holder.value = array
         elif isinstance(live, np.generic):
-            self._holder.value = array[()]
+            holder.value = array[()]
+        if holder.attach is not None:
+            attach, holder.attach = holder.attach, None
+            attach(holder)
 
 
 class NumpyState(Trackable):
@@ -175,6 +188,10 @@ class NumpyState(Trackable):
         # Saved attributes the live object lacks are created, as TensorFlow does.
         holder = self._lookup_dependency(name)
         if holder is None:
-            holder = self._track_trackable(_NumpyValue(None), name)
-            object.__setattr__(self, name, None)
+            holder = _NumpyValue(None, attach=partial(self._attach_restored, name))
         return holder
+
+    def _attach_restored(self, name: str, holder: _NumpyValue) -> None:
+        if self._lookup_dependency(name) is None:  # not assigned meanwhile
+            self._track_trackable(holder, name)
+            object.__setattr__(self, name, None)

@@ -14,6 +14,7 @@ from zarrckpt.errors import (
     DependencyNameError,
     DTypeMismatchError,
     InvalidKeyError,
+    NonAppendMutationError,
     ShapeMismatchError,
     UnsupportedDTypeError,
 )
@@ -196,16 +197,56 @@ def test_lists_and_dicts_become_trackable_copies(tmp_path: Path) -> None:
     assert obj.table is not original_dict
     assert obj._lookup_dependency("items") is obj.items
     assert obj._lookup_dependency("table") is obj.table
-    # Copies: changing the originals afterwards does not change what is tracked.
-    original_list.append(var([3.0]))
-    original_dict["c"] = var([4.0])
-    assert len(obj.items) == 1
-    assert list(obj.table) == ["b"]
+    # Changes through the attribute are tracked; the originals are left as they were.
+    obj.items.append(var([5.0]))
+    assert len(original_list) == 1
     path = zc.Checkpoint(o=obj).write(tmp_path / "c")
     assert sorted(saved_keys(path)) == [
         "o/items/0/.ATTRIBUTES/VARIABLE_VALUE",
+        "o/items/1/.ATTRIBUTES/VARIABLE_VALUE",
         "o/table/b/.ATTRIBUTES/VARIABLE_VALUE",
     ]
+
+
+def test_changing_an_assigned_plain_container_afterwards_refuses_to_save(tmp_path: Path) -> None:
+    # The attribute holds a copy: a change to the original would be silently
+    # left out of the checkpoint, so the save raises instead.
+    obj = zc.AutoTrackable()
+    layers = [var([1.0])]
+    heads = {"a": var([2.0])}
+    obj.layers, obj.heads = layers, heads
+    layers.append(var([3.0]))
+    with pytest.raises(NonAppendMutationError, match=r"'o/layers'.*plain list.*changed"):
+        zc.Checkpoint(o=obj).write(tmp_path / "a")
+    obj.layers = layers  # assigned again: tracked as it is now
+    heads["b"] = var([4.0])
+    with pytest.raises(NonAppendMutationError, match=r"'o/heads'.*plain dict"):
+        zc.Checkpoint(o=obj).write(tmp_path / "b")
+    obj.heads = heads
+    path = zc.Checkpoint(o=obj).write(tmp_path / "c")
+    assert sorted(saved_keys(path)) == [
+        "o/heads/a/.ATTRIBUTES/VARIABLE_VALUE",
+        "o/heads/b/.ATTRIBUTES/VARIABLE_VALUE",
+        "o/layers/0/.ATTRIBUTES/VARIABLE_VALUE",
+        "o/layers/1/.ATTRIBUTES/VARIABLE_VALUE",
+    ]
+    assert not list(tmp_path.glob("[ab]*")) and not list(tmp_path.glob(".*"))
+    # A list of plain values may change freely: nothing would be lost.
+    names = ["x"]
+    obj.names = names
+    names.append("y")
+    zc.Checkpoint(o=obj).write(tmp_path / "d")
+
+
+def test_trackables_only_in_tuples_are_reported_as_not_saved(tmp_path: Path) -> None:
+    obj = zc.AutoTrackable()
+    obj.kept = var([1.0])
+    obj.pair = (obj.kept, var([2.0]))  # the second one is reachable only through the tuple
+    obj.aliases = (obj.kept,)  # saved anyway: no warning for this one
+    with pytest.warns(UserWarning, match=r"not saved: o\.pair\. Assign a list") as info:
+        path = zc.Checkpoint(o=obj).write(tmp_path / "c")
+    assert len([w for w in info if "tuples or sets" in str(w.message)]) == 1
+    assert saved_keys(path) == ["o/kept/.ATTRIBUTES/VARIABLE_VALUE"]
 
 
 def test_nested_plain_containers_are_wrapped_recursively(tmp_path: Path) -> None:

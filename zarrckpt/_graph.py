@@ -9,6 +9,7 @@ the breadth-first pass, named after the variable they belong to.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,4 +149,27 @@ def build_save_plan(root: Trackable) -> SavePlan:
         )
     graph = ObjectGraph(nodes=tuple(nodes))
     graph.validate()
+    _warn_untracked_in_collections(view)
     return SavePlan(graph=graph, arrays=arrays)
+
+
+def _warn_untracked_in_collections(view: GraphView) -> None:
+    """Warn about Trackables held only in tuples or sets: they are not saved.
+
+    Only lists and dicts assigned to attributes are tracked (as TensorFlow
+    wraps them); a Trackable reachable another way is saved all the same.
+    """
+    unsaved = []
+    for node_id, obj in enumerate(view.objects):
+        for name, value in getattr(obj, "__dict__", {}).items():
+            if isinstance(value, tuple | set | frozenset) and any(
+                isinstance(item, Trackable) and view.node_of(item) is None for item in value
+            ):
+                unsaved.append(f"{view.paths[node_id] or '<root>'}.{name}")
+    if unsaved:
+        warnings.warn(
+            f"Trackables held only in tuples or sets are not saved: {', '.join(unsaved)}. "
+            "Assign a list (tracked) instead.",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -21,12 +21,50 @@ __all__ = ["Dict", "List", "wrap_container"]
 
 
 def wrap_container(value: Any) -> Any:
-    """Turn a plain ``list`` / ``dict`` into a trackable List / Dict; other values pass."""
+    """Turn a plain ``list`` / ``dict`` into a trackable List / Dict; other values pass.
+
+    The container holds a copy; the plain one is watched, so that changing it
+    afterwards (which the copy would not see) makes a save raise instead of
+    silently leaving out what was added to it.
+    """
     if type(value) is list:
-        return List(value)
-    if type(value) is dict:
-        return Dict(value)
-    return value
+        wrapped: List | Dict = List(value)
+    elif type(value) is dict:
+        wrapped = Dict(value)
+    else:
+        return value
+    wrapped._zc_source = _Source(value)
+    return wrapped
+
+
+class _Source:
+    """The plain list or dict a container was made from, as it was then."""
+
+    def __init__(self, value: list[Any] | dict[Any, Any]) -> None:
+        self.value = value
+        self.snapshot: list[Any] | dict[Any, Any] = value.copy()
+
+    def changed_trackables(self) -> bool:
+        """Whether it changed since, and a Trackable is or was in it."""
+        now, then = self.value, self.snapshot
+        if isinstance(now, dict) and isinstance(then, dict):
+            same = now.keys() == then.keys() and all(now[k] is then[k] for k in now)
+            values = [*now.values(), *then.values()]
+        else:
+            same = len(now) == len(then) and all(a is b for a, b in zip(now, then, strict=False))
+            values = [*now, *then]
+        return not same and any(isinstance(v, Trackable) for v in values)
+
+    def check(self, path: str) -> None:
+        if self.changed_trackables():
+            kind = type(self.value).__name__
+            raise NonAppendMutationError(
+                f"cannot save {path or '<root>'!r}: the plain {kind} assigned there was "
+                f"changed afterwards, but the attribute holds a tracked copy made at the "
+                f"assignment, so the change would not be saved. Change it through the "
+                f"attribute (obj.attr.append(...), obj.attr[key] = ...) or assign the "
+                f"{kind} again."
+            )
 
 
 def _unwrap(value: Any) -> tuple[Any, bool]:
@@ -54,6 +92,7 @@ class List(Trackable, MutableSequence[Any]):
         self._storage: list[Any] = []
         self._untracked: set[int] = set()  # ids of elements stored through NoDependency
         self._non_append_mutation: str | None = None
+        self._zc_source: _Source | None = None  # see wrap_container
         self.extend(values)
 
     def _is_dependency(self, value: Any) -> bool:
@@ -168,6 +207,8 @@ class List(Trackable, MutableSequence[Any]):
         return f"List({self._storage!r})"
 
     def _check_saveable(self, path: str) -> None:
+        if self._zc_source is not None:
+            self._zc_source.check(path)
         if self._non_append_mutation is not None:
             raise NonAppendMutationError(
                 f"cannot save the List at {path or '<root>'!r}: a trackable element was "
@@ -188,7 +229,12 @@ class Dict(Trackable, MutableMapping[Any, Any]):
 
     def __init__(self, *args: Mapping[Any, Any] | Iterable[tuple[Any, Any]], **kwargs: Any) -> None:
         self._storage: dict[Any, Any] = {}
+        self._zc_source: _Source | None = None  # see wrap_container
         self.update(*args, **kwargs)
+
+    def _check_saveable(self, path: str) -> None:
+        if self._zc_source is not None:
+            self._zc_source.check(path)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         value, tracked = _unwrap(value)

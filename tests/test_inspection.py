@@ -141,3 +141,25 @@ def test_partial_restore_of_part_of_the_model(saved):
     np.testing.assert_array_equal(part.layers[0].kernel.numpy(), model.layers[0].kernel.numpy())
     with pytest.raises(zc.errors.MatchError):
         status.assert_consumed()
+
+
+def test_rows_of_whole_chunks_are_read_straight_into_the_result(tmp_path):
+    import tracemalloc
+
+    values = np.random.default_rng(3).standard_normal((1024, 1024)).astype(np.float32)
+    model = zc.AutoTrackable()
+    model.table = zc.Variable(values)
+    path = zc.Checkpoint(model=model).write(
+        tmp_path / "c", options=zc.CheckpointOptions(chunk_bytes=256 << 10)  # 64-row chunks
+    )
+    key = "model/table"
+    for index, chunk_sized_buffers in [(slice(64, 640), 0), (np.s_[...], 0), (slice(60, 644), 2)]:
+        tracemalloc.start()
+        try:
+            got = zc.load_variable(path, key, index=index)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(got, values[index])
+        # The result, plus one 256 KiB buffer per chunk only partly selected.
+        assert peak < got.nbytes + chunk_sized_buffers * (256 << 10) + (96 << 10), (index, peak)

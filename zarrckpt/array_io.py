@@ -534,8 +534,10 @@ def read_selection(
     """Read ``array[selection]`` (one slice with step >= 1 per axis) touching only its chunks.
 
     Each chunk that overlaps the selection is read whole (its CRC covers all of
-    it) into a chunk-sized buffer, admitted under the byte budget, and the
-    overlap is copied into the result.
+    it), admitted under the byte budget. A chunk that lies inside a selection of
+    whole trailing rows (``a[i:j]``, ``a[k, i:j]``, ``a[...]``) is read straight
+    into the result's memory; any other is read into a chunk-sized buffer and
+    its overlap copied into the result.
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats(progress=options.progress)
@@ -548,9 +550,33 @@ def read_selection(
         for r, c in zip(ranges, layout.chunk_shape, strict=True)
     ]
     direct = layout.dtype == _little_endian(layout.dtype)
+    # Axes from the first one the selection does not take whole to the last:
+    # a chunk region inside the selection is one contiguous run of the result
+    # when every axis after its split axis is whole in the selection too.
+    whole = [
+        s.step == 1 and len(r) == n for s, r, n in zip(selection, ranges, layout.shape, strict=True)
+    ]
+
+    def inside(region: tuple[slice, ...]) -> bool:
+        if layout.compression is not None and any(
+            g.stop - g.start != c for g, c in zip(region, layout.chunk_shape, strict=True)
+        ):
+            return False  # a compressed edge chunk decodes to more than its region
+        split = next((k for k, c in enumerate(layout.chunk_shape) if c != 1), len(region))
+        return all(
+            r.step == 1 and r.start <= g.start and g.stop <= r.stop
+            for r, g in zip(ranges, region, strict=True)
+        ) and all(whole[split + 1 :])
 
     def read_one(coords: tuple[int, ...]) -> None:
         region = layout.region(coords)
+        if direct and inside(region):
+            shifted = tuple(
+                slice(g.start - r.start, g.stop - r.start)
+                for g, r in zip(region, ranges, strict=True)
+            )
+            _read_chunk(storage, key, layout, result, coords, True, stats, shifted)
+            return
         block = np.empty(tuple(g.stop - g.start for g in region), layout.dtype)
         local = tuple(slice(0, g.stop - g.start) for g in region)
         _read_chunk(storage, key, layout, block, coords, direct, stats, local)

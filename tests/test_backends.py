@@ -462,6 +462,61 @@ def test_manager_keeps_max_to_keep_newest(backend):
         assert _state(fresh) == expected
 
 
+def _committed(directory: str, so: dict | None) -> list[str]:
+    return [c.name for c in zc.list_checkpoints(directory, storage_options=so) if c.committed]
+
+
+def test_manager_best_n_survives_a_lost_state_file(backend):
+    base, so = backend
+    directory = f"{base}/run"
+    model, _ = _trained(seed=40)
+
+    def manager() -> zc.CheckpointManager:
+        return zc.CheckpointManager(
+            zc.Checkpoint(model=model), directory, max_to_keep=2, best_fn="loss",
+            best_mode="min", storage_options=so,
+        )  # fmt: skip
+
+    first = manager()
+    for loss in [3.0, 0.5, 2.0, 4.0]:
+        first.save(metrics={"loss": loss})
+    first.wait()
+    assert _committed(directory, so) == ["ckpt-2", "ckpt-3", "ckpt-4"]  # best two + latest
+    fs, root = _fs(directory, so)
+    fs.rm_file(f"{root}/zarrckpt_state.ckpt.json")
+    second = manager()  # the metrics come from the manifests
+    second.save(metrics={"loss": 9.0})
+    second.wait()
+    assert _committed(directory, so) == ["ckpt-2", "ckpt-3", "ckpt-5"]
+    infos = {c.name: c for c in zc.list_checkpoints(directory, storage_options=so)}
+    assert infos["ckpt-2"].metadata == {"loss": 0.5}
+
+
+def test_managers_of_two_names_keep_their_own_state(backend):
+    base, so = backend
+    directory = f"{base}/run"
+    model, _ = _trained(seed=41)
+    for restart in range(2):
+        best = zc.CheckpointManager(
+            zc.Checkpoint(model=model), directory, max_to_keep=1, checkpoint_name="best",
+            best_fn="acc", storage_options=so,
+        )  # fmt: skip
+        recent = zc.CheckpointManager(
+            zc.Checkpoint(model=model), directory, max_to_keep=1, checkpoint_name="recent",
+            storage_options=so,
+        )  # fmt: skip
+        for acc in [0.9, 0.1] if restart == 0 else [0.2]:
+            best.save(metrics={"acc": acc})
+            recent.save()
+        best.wait()
+        recent.wait()
+    assert _committed(directory, so) == ["best-1", "best-3", "recent-3"]
+    fs, root = _fs(directory, so)
+    fs.invalidate_cache()
+    names = sorted(posixpath.basename(p) for p in fs.ls(root, detail=False))
+    assert "zarrckpt_state.best.json" in names and "zarrckpt_state.recent.json" in names
+
+
 def test_manager_numbering_continues_with_new_manager(backend):
     base, so = backend
     model, _ = _trained(seed=16)

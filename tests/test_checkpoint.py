@@ -204,6 +204,9 @@ def test_unused_values_warn_once_naming_keys(tmp_path, model):
     text = str(caught[0].message)
     assert "4 saved values unused" in text
     assert "model/layers/0/kernel/.ATTRIBUTES/VARIABLE_VALUE" in text
+    # Shown where read() was called, though it fires when the status is collected.
+    assert caught[0].filename == __file__
+    assert caught[0].lineno == restore_and_drop.__code__.co_firstlineno + 5
 
 
 def test_expect_partial_silences_the_warning(tmp_path, model):
@@ -244,9 +247,9 @@ def test_missing_and_uncommitted_paths(tmp_path, model):
 
 
 def test_constructor_validates_arguments():
-    with pytest.raises(TypeError, match="expects a Trackable"):
+    with pytest.raises(zc.errors.InvalidArgumentError, match="expects a Trackable"):
         zc.Checkpoint(model=np.zeros(3))
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(zc.errors.InvalidArgumentError, match="reserved"):
         zc.Checkpoint(save_counter=zc.Variable(0))
 
 
@@ -284,6 +287,43 @@ def test_object_reached_twice_is_saved_once(tmp_path):
     fresh.b.inner = Dense(2, 2, seed=7)
     zc.Checkpoint(root=fresh).read(path).assert_consumed()
     np.testing.assert_array_equal(fresh.b.inner.kernel.numpy(), shared.kernel.numpy())
+
+
+def test_object_saved_once_restored_into_two_live_objects_gives_both_its_values(tmp_path):
+    shared = Dense(2, 2, seed=0)
+    root = zc.AutoTrackable()
+    root.a = shared
+    root.b = zc.AutoTrackable()
+    root.b.inner = shared
+    path = zc.Checkpoint(root=root).write(tmp_path / "c")
+    fresh = zc.AutoTrackable()
+    fresh.a, fresh.b = Dense(2, 2, seed=5), zc.AutoTrackable()
+    fresh.b.inner = Dense(2, 2, seed=6)  # the program no longer shares them
+    with pytest.warns(UserWarning, match=r"'root/a' matches two live objects") as info:
+        status = zc.Checkpoint(root=fresh).read(path)
+    assert len(info) == 1 and info[0].filename == __file__  # once, for the top object
+    status.assert_existing_objects_matched().assert_consumed()
+    for dense in (fresh.a, fresh.b.inner):
+        np.testing.assert_array_equal(dense.kernel.numpy(), shared.kernel.numpy())
+        np.testing.assert_array_equal(dense.bias.numpy(), shared.bias.numpy())
+
+
+def test_reprs_say_what_an_object_is(tmp_path):
+    dense = Dense(2, 2, seed=0)
+    assert repr(dense) == "<Dense dependencies: [kernel, bias]>"
+    assert repr(zc.Checkpoint(model=dense).restore(None)) == (
+        "<InitializationOnlyStatus: nothing restored (the path was None)>"
+    )
+    opt = Adam()
+    opt.step([dense.kernel, dense.bias], seed=0)
+    assert repr(opt) == "<Adam slots: {'m': 2, 'v': 2}>"
+    state = zc.NumpyState()
+    state.mean = np.zeros((2, 3), np.float32)
+    assert repr(state) == "<NumpyState dependencies: [mean]>"
+    assert "\n" not in repr(dense.kernel) and "shape=(2, 2)" in repr(dense.kernel)
+    path = zc.Checkpoint(model=dense).write(tmp_path / "c")
+    status = zc.Checkpoint(model=Dense(2, 2, seed=1)).read(path)
+    assert repr(status) == f"<CheckpointLoadStatus {path}: 2/2 values restored>"
 
 
 def test_dependencies_named_like_checkpoint_files_round_trip(tmp_path):

@@ -162,12 +162,19 @@ def test_a_failed_chunk_write_stops_further_work_and_raises(tmp_path):
 
 
 def test_options_validate_their_values():
-    with pytest.raises(ValueError, match="inflight_bytes"):
+    invalid = zc.errors.InvalidArgumentError  # a ValueError and a TypeError too
+    with pytest.raises(invalid, match="inflight_bytes"):
         zc.CheckpointOptions(inflight_bytes=0)
     with pytest.raises(ValueError, match="threads"):
         zc.CheckpointOptions(threads=True)
     with pytest.raises(TypeError, match="Compression objects"):
         zc.CheckpointOptions(compression={"*": "zstd"})  # type: ignore[dict-item]
+    with pytest.raises(invalid, match="maps key patterns"):
+        zc.CheckpointOptions(compression=[zc.Zstd()])  # type: ignore[arg-type]
+    with pytest.raises(invalid, match="fsync"):
+        zc.CheckpointOptions(fsync="yes")  # type: ignore[arg-type]
+    with pytest.raises(invalid, match="progress"):
+        zc.CheckpointOptions(progress=3)  # type: ignore[arg-type]
     options = zc.CheckpointOptions(compression={"a/*": zc.Zstd(), "*": zc.BloscLZ4()})
     assert options.compression_for("a/x") == zc.Zstd()
     assert options.compression_for("b/x") == zc.BloscLZ4()

@@ -122,6 +122,21 @@ def test_unknown_key_and_path_errors(saved, tmp_path):
         zc.load_variable(path, "model/table", index=300, storage_options=so)
     with pytest.raises(IndexError, match="too many indices"):
         zc.load_variable(path, "model/table", index=(1, 2, 3), storage_options=so)
+    with pytest.raises(IndexError, match=r"type ndarray on axis 0.*no boolean"):
+        zc.load_variable(path, "model/table", index=np.ones(3, bool), storage_options=so)
+    with pytest.raises(zc.errors.InvalidArgumentError, match="a key is a string"):
+        zc.load_variable(path, 3, storage_options=so)  # type: ignore[arg-type]
+
+
+def test_load_variable_always_returns_an_array(tmp_path):
+    model = zc.AutoTrackable()
+    model.step = zc.Variable(np.int64(42))
+    model.row = zc.Variable(np.arange(4.0))
+    path = zc.Checkpoint(model=model).write(tmp_path / "c")
+    step = zc.load_variable(path, "model/step")
+    assert isinstance(step, np.ndarray) and step.shape == () and step == 42
+    one = zc.load_variable(path, "model/row", index=2)
+    assert isinstance(one, np.ndarray) and one.shape == () and one == 2.0
 
 
 def test_dot_graph(saved):
@@ -150,7 +165,8 @@ def test_rows_of_whole_chunks_are_read_straight_into_the_result(tmp_path):
     model = zc.AutoTrackable()
     model.table = zc.Variable(values)
     path = zc.Checkpoint(model=model).write(
-        tmp_path / "c", options=zc.CheckpointOptions(chunk_bytes=256 << 10)  # 64-row chunks
+        tmp_path / "c",
+        options=zc.CheckpointOptions(chunk_bytes=256 << 10),  # 64-row chunks
     )
     key = "model/table"
     for index, chunk_sized_buffers in [(slice(64, 640), 0), (np.s_[...], 0), (slice(60, 644), 2)]:

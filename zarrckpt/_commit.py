@@ -278,8 +278,9 @@ class Commit(ABC):
 class LocalCommit(Commit):
     """Temporary sibling directory, fsync, ``_COMMIT``, rename, fsync of the parent."""
 
-    def __init__(self, path: str, *, fsync: bool = True) -> None:
+    def __init__(self, path: str, *, fsync: bool = True, threads: int = 8) -> None:
         self.path = os.path.abspath(path)
+        self.threads = threads
         self.url = self.path
         parent, name = os.path.split(self.path)
         self.parent = parent
@@ -309,7 +310,7 @@ class LocalCommit(Commit):
             missing = os.path.dirname(missing)
         os.makedirs(self.parent, exist_ok=True)
         os.mkdir(self.temp_path)
-        self._storage = LocalStorage(self.temp_path, fsync=self.fsync)
+        self._storage = LocalStorage(self.temp_path, fsync=self.fsync, threads=self.threads)
         return self._storage
 
     def publish(self, manifest: Manifest) -> None:
@@ -411,11 +412,15 @@ def begin_commit(
     storage_options: dict[str, Any] | None = None,
     *,
     fsync: bool = True,
+    threads: int = 8,
 ) -> Commit:
-    """The commit protocol for ``path``: rename on local disks, conditional PUT elsewhere."""
+    """The commit protocol for ``path``: rename on local disks, conditional PUT elsewhere.
+
+    ``fsync`` and ``threads`` (fsyncs at once) apply to local disks.
+    """
     fs, root = resolve_path(path, storage_options)
     if is_local(fs):
-        return LocalCommit(root, fsync=fsync)
+        return LocalCommit(root, fsync=fsync, threads=threads)
     return ObjectStoreCommit(fs, root)
 
 

@@ -13,6 +13,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -69,13 +70,22 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files on a local filesystem, written with ``writev`` and fsync'ed if asked."""
+    """Files on a local filesystem, written with ``writev``; ``sync()`` makes them durable.
 
-    def __init__(self, root: str, *, fsync: bool = True) -> None:
+    With ``fsync``, :meth:`sync` fsyncs every file written, ``threads`` at once,
+    then every directory created. Deferring the fsyncs until every file is
+    written measured 2-2.5x faster than an fsync after each file (2 GiB in 64
+    files here): the filesystem commits its journal once rather than per file,
+    and writeback of the early files overlaps the writing of the later ones.
+    """
+
+    def __init__(self, root: str, *, fsync: bool = True, threads: int = 8) -> None:
         self.root = os.path.abspath(root)
         self.url = self.root
         self.fsync = fsync
+        self.threads = threads
         self._made_dirs: set[str] = set()
+        self._written: list[str] = []  # files not fsynced yet
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> str:
@@ -106,10 +116,11 @@ class LocalStorage(Storage):
                     pending.pop(0)
                 if pending and written:
                     pending[0] = pending[0][written:]
-            if self.fsync:
-                os.fsync(fd)
         finally:
             os.close(fd)
+        if self.fsync:
+            with self._lock:
+                self._written.append(path)
 
     def read(self, key: str) -> bytes:
         with open(self._path(key), "rb") as file:
@@ -143,9 +154,22 @@ class LocalStorage(Storage):
         if not self.fsync:
             return
         with self._lock:
+            files, self._written = self._written, []
             directories = sorted(self._made_dirs | {self.root}, key=len, reverse=True)
+        if files:
+            with ThreadPoolExecutor(min(self.threads, len(files))) as pool:
+                list(pool.map(fsync_file, files))  # raises the first failure
         for directory in directories:
             fsync_directory(directory)
+
+
+def fsync_file(path: str) -> None:
+    """fsync a file written earlier (its data and size become durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_directory(directory: str) -> None:

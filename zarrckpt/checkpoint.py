@@ -12,6 +12,7 @@ restored when they are attached (deferred restoration).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -31,7 +32,7 @@ from zarrckpt._commit import (
 )
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._graph import build_save_plan, list_objects
-from zarrckpt.errors import MatchError, UnmatchedValuesWarning
+from zarrckpt.errors import InvalidArgumentError, MatchError, UnmatchedValuesWarning
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import SavedAttribute, SlotVariableReference
@@ -60,9 +61,11 @@ class Checkpoint(AutoTrackable):
     def __init__(self, **objects: Trackable) -> None:
         for name, obj in objects.items():
             if name == SAVE_COUNTER:
-                raise ValueError(f"{SAVE_COUNTER!r} is reserved for the checkpoint's counter")
+                raise InvalidArgumentError(
+                    f"{SAVE_COUNTER!r} is reserved for the checkpoint's counter"
+                )
             if not isinstance(obj, Trackable):
-                raise TypeError(
+                raise InvalidArgumentError(
                     f"Checkpoint({name}=...) expects a Trackable, got {type(obj).__name__}"
                 )
             setattr(self, name, obj)
@@ -100,7 +103,7 @@ class Checkpoint(AutoTrackable):
         options = options or CheckpointOptions()
         metadata = check_metadata(metadata, where=os.fspath(path))
         plan = build_save_plan(self)
-        commit = begin_commit(path, storage_options, fsync=options.fsync)
+        commit = begin_commit(path, storage_options, fsync=options.fsync, threads=options.threads)
         storage = commit.create()
         stats = array_io.IOStats(progress=options.progress)
         try:
@@ -183,6 +186,19 @@ class Checkpoint(AutoTrackable):
         return f"<zarrckpt.Checkpoint dependencies={names}>"
 
 
+def _caller() -> tuple[str, int]:
+    """File and line of the first frame outside zarrckpt: where the user called us."""
+    frame = sys._getframe(1)
+    package = os.path.dirname(__file__)
+
+    def ours(filename: str) -> bool:  # zarrckpt's own, or generated (a dataclass __init__)
+        return filename.startswith("<") or os.path.dirname(filename) == package
+
+    while frame.f_back is not None and ours(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno
+
+
 @dataclass
 class _RestoreProgress:
     """What a restore has done so far; outlives the session for the final warning."""
@@ -191,6 +207,7 @@ class _RestoreProgress:
     all_keys: list[str]
     restored_keys: set[str] = field(default_factory=set)
     expect_partial: bool = False
+    called_from: tuple[str, int] = field(default_factory=_caller)
 
     def unrestored(self) -> list[str]:
         return [key for key in self.all_keys if key not in self.restored_keys]
@@ -204,11 +221,14 @@ def _warn_unrestored(progress: _RestoreProgress) -> None:
         shown = ", ".join(missing[:10]) + (
             f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         )
-        warnings.warn(
+        # Raised when the status is collected, so point at the restore() call instead.
+        filename, lineno = progress.called_from
+        warnings.warn_explicit(
             f"restore of {progress.checkpoint_url} left {len(missing)} saved values unused: "
             f"{shown}. Call expect_partial() on the status to silence this.",
             UnmatchedValuesWarning,
-            stacklevel=2,
+            filename,
+            lineno,
         )
 
 
@@ -223,8 +243,9 @@ class RestoreSession:
         self.options = options
         self.io_stats = array_io.IOStats(progress=options.progress)
         self.graph = checkpoint.graph
-        self._matched: dict[int, weakref.ref[Trackable]] = {}
-        self._matched_objects: dict[int, int] = {}  # id(obj) -> node id
+        self._matched: dict[int, weakref.ref[Trackable]] = {}  # node id -> first live object
+        # id(obj) -> (node id, obj): every live object matched, several per node possible
+        self._matched_objects: dict[int, tuple[int, weakref.ref[Trackable]]] = {}
         self._slots_of_variable: dict[int, list[tuple[int, SlotVariableReference]]] = {}
         for node_id, node in enumerate(self.graph.nodes):
             for ref in node.slot_variables:
@@ -248,15 +269,12 @@ class RestoreSession:
     def _restore(self, node_id: int, obj: Trackable) -> None:
         transfers: list[_Transfer] = []
         deferrals: list[Callable[[], None]] = []
-        matched_before = dict(self._matched)
+        matched_before = dict(self._matched), dict(self._matched_objects)
         try:
             self._match(node_id, obj, transfers, deferrals)
             self._transfer(transfers)
         except BaseException:
-            self._matched = matched_before
-            self._matched_objects = {
-                id(ref()): n for n, ref in matched_before.items() if ref() is not None
-            }
+            self._matched, self._matched_objects = matched_before
             raise
         for defer in deferrals:
             defer()
@@ -266,8 +284,8 @@ class RestoreSession:
         return ref() if ref is not None else None
 
     def is_matched(self, obj: Trackable) -> bool:
-        node_id = self._matched_objects.get(id(obj))
-        return node_id is not None and self.matched_object(node_id) is obj
+        entry = self._matched_objects.get(id(obj))
+        return entry is not None and entry[1]() is obj
 
     def _match(
         self,
@@ -275,11 +293,26 @@ class RestoreSession:
         obj: Trackable,
         transfers: list[_Transfer],
         deferrals: list[Callable[[], None]],
+        inside_duplicate: bool = False,
     ) -> None:
-        if self.matched_object(node_id) is obj:
+        first = self.matched_object(node_id)
+        if first is obj:
             return
-        self._matched[node_id] = weakref.ref(obj)
-        self._matched_objects[id(obj)] = node_id
+        if first is None:
+            self._matched[node_id] = weakref.ref(obj)
+        elif not inside_duplicate:
+            # One saved object reached through two paths that now lead to two live
+            # objects: both get its values (TensorFlow restores the first only).
+            filename, lineno = _caller()
+            warnings.warn_explicit(
+                f"{self.checkpoint.url}: saved object {self.describe_node(node_id)!r} matches "
+                f"two live objects ({first!r} and {obj!r}); both get its values",
+                UserWarning,
+                filename,
+                lineno,
+            )
+        duplicate = inside_duplicate or first is not None
+        self._matched_objects[id(obj)] = (node_id, weakref.ref(obj))
         node = self.graph.nodes[node_id]
         values = obj._saveable_values()
         for attribute in node.attributes:
@@ -293,7 +326,7 @@ class RestoreSession:
             if live is None:
                 deferrals.append(partial(obj._defer_restoration, child.name, self, child.node_id))
             else:
-                self._match(child.node_id, live, transfers, deferrals)
+                self._match(child.node_id, live, transfers, deferrals, duplicate)
         for ref in node.slot_variables:
             variable = self.matched_object(ref.original_variable_node_id)
             if variable is not None:
@@ -450,17 +483,24 @@ class InitializationOnlyStatus:
         return MatchError("no checkpoint was given to restore (path is None)")
 
     def assert_consumed(self) -> Self:
+        """Raises :class:`~zarrckpt.errors.MatchError`: nothing was restored."""
         raise self._fail()
 
     def assert_existing_objects_matched(self) -> Self:
+        """Raises :class:`~zarrckpt.errors.MatchError`: nothing was restored."""
         raise self._fail()
 
     def assert_nontrivial_match(self) -> Self:
+        """Raises :class:`~zarrckpt.errors.MatchError`: nothing was restored."""
         raise self._fail()
 
     def expect_partial(self) -> Self:
+        """Nothing to silence: no saved values were read."""
         return self
 
     def initialize_or_restore(self) -> Self:
         """Variables are initialized when created, so there is nothing to do."""
         return self
+
+    def __repr__(self) -> str:
+        return "<InitializationOnlyStatus: nothing restored (the path was None)>"

@@ -54,7 +54,9 @@ def copy_checkpoint(
     checkpoint = open_committed(source, source_storage_options)
     manifest = checkpoint.manifest
     source_prefix = f"{manifest.attempt}/" if manifest.attempt else ""
-    commit = begin_commit(destination, destination_storage_options, fsync=options.fsync)
+    commit = begin_commit(
+        destination, destination_storage_options, fsync=options.fsync, threads=options.threads
+    )
     target = commit.create()
     try:
         tasks: list[Task] = [

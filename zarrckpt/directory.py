@@ -196,7 +196,10 @@ def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = N
     Local: renamed out of the way in one step, then removed. Object stores: the
     ``_COMMIT`` marker is removed first, then every object under the prefix (in
     batches). A crash part-way leaves garbage for :func:`gc`, never a checkpoint
-    that looks whole.
+    that looks whole. Deleting a checkpoint that is not there does nothing.
+
+    Example:
+        >>> delete_checkpoint("s3://bucket/run/ckpt-3")  # doctest: +SKIP
     """
     fs, root = resolve_path(path, storage_options)
     if is_local(fs):

@@ -16,7 +16,7 @@ from zarrckpt._commit import CommittedCheckpoint, open_committed
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._keys import ATTRIBUTES
 from zarrckpt.array_io import ArrayLayout, read_layout, read_selection
-from zarrckpt.errors import VariableNotFoundError
+from zarrckpt.errors import InvalidArgumentError, VariableNotFoundError
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import ObjectGraph, SavedAttribute
 from zarrckpt.variable import VARIABLE_VALUE
@@ -58,6 +58,10 @@ def list_variables(
 
 
 def _find(checkpoint: CommittedCheckpoint, key: str) -> SavedAttribute:
+    if not isinstance(key, str):
+        raise InvalidArgumentError(
+            f"{checkpoint.url}: a key is a string such as 'model/dense/kernel', got {key!r}"
+        )
     attributes = {a.key: a for _, a in checkpoint.graph.attributes()}
     for candidate in (key, f"{key.rstrip('/')}/{ATTRIBUTES}/{VARIABLE_VALUE}"):
         if candidate in attributes:
@@ -72,10 +76,11 @@ def _find(checkpoint: CommittedCheckpoint, key: str) -> SavedAttribute:
 def _normalize(index: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:
     """Ascending slices to read per axis, and what to apply to the result afterwards."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if sum(1 for i in items if i is Ellipsis) > 1:
+    ellipses = [at for at, item in enumerate(items) if item is Ellipsis]  # identity: arrays
+    if len(ellipses) > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
+    if ellipses:
+        at = ellipses[0]
         items[at : at + 1] = [slice(None)] * (len(shape) - len(items) + 1)
     if len(items) > len(shape):
         raise IndexError(f"too many indices: {len(items)} for shape {shape}")
@@ -98,7 +103,10 @@ def _normalize(index: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], t
                 reads.append(slice(r.start, r.stop, r.step) if len(r) else slice(0, 0))
                 after.append(slice(None))
         else:
-            raise IndexError(f"unsupported index {item!r}: use ints, slices and '...'")
+            raise IndexError(
+                f"unsupported index of type {type(item).__name__} on axis {axis}: "
+                "use ints, slices and '...' (no boolean or integer arrays)"
+            )
     return tuple(reads), tuple(after)
 
 
@@ -111,7 +119,7 @@ def _load(
 ) -> np.ndarray[Any, Any]:
     reads, after = _normalize(index, layout.shape)
     values = read_selection(checkpoint.storage, attribute.key, layout, reads, options)
-    result: np.ndarray[Any, Any] = values[after]
+    result: np.ndarray[Any, Any] = values[(*after, Ellipsis)]  # an array, 0-d ones too
     return result
 
 
@@ -217,7 +225,15 @@ def open_variable(
     storage_options: dict[str, Any] | None = None,
     options: CheckpointOptions | None = None,
 ) -> LazyVariable:
-    """A lazy handle on the saved value ``key``; indexing it reads only the chunks needed."""
+    """A lazy handle on the saved value ``key``; indexing it reads only the chunks needed.
+
+    Example:
+        >>> table = zarrckpt.open_variable("s3://b/run/ckpt-9", "model/embedding",
+        ...                                storage_options=opts)
+        >>> table.shape, table.dtype.name
+        ((50000, 1024), 'float32')
+        >>> rows = table[1000:1064]                  # one or two chunk files read
+    """
     checkpoint = open_committed(path, storage_options)
     return LazyVariable(checkpoint, _find(checkpoint, key), options)
 

@@ -95,6 +95,10 @@ class Optimizer(AutoTrackable):
             for var, slot in self._zc_slots[slot_name].values()
         ]
 
+    def __repr__(self) -> str:
+        counts = {name: len(slots) for name, slots in sorted(self._zc_slots.items())}
+        return f"<{type(self).__qualname__} slots: {counts or 'none yet'}>"
+
     def _defer_slot_restoration(
         self, var: Trackable, slot_name: str, restorer: DeferredRestorer, node_id: int
     ) -> None:

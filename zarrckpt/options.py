@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from zarrckpt.codecs import Compression
+from zarrckpt.errors import InvalidArgumentError
 
 __all__ = ["CheckpointOptions"]
 
@@ -50,13 +51,28 @@ class CheckpointOptions:
         for name in ("chunk_bytes", "threads", "inflight_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"CheckpointOptions.{name} must be a positive int, got {value!r}")
+                raise InvalidArgumentError(
+                    f"CheckpointOptions.{name} must be a positive int, got {value!r}"
+                )
+        if not isinstance(self.fsync, bool):
+            raise InvalidArgumentError(
+                f"CheckpointOptions.fsync must be a bool, got {self.fsync!r}"
+            )
+        if not isinstance(self.compression, Mapping):
+            raise InvalidArgumentError(
+                "CheckpointOptions.compression maps key patterns to Compression objects, "
+                f"e.g. {{'*embedding*': Zstd()}}; got {self.compression!r}"
+            )
         for pattern, codec in self.compression.items():
             if not isinstance(pattern, str) or not isinstance(codec, Compression):
-                raise TypeError(
+                raise InvalidArgumentError(
                     f"CheckpointOptions.compression maps key patterns to Compression objects "
                     f"(Zstd(), BloscLZ4()); got {pattern!r}: {codec!r}"
                 )
+        if self.progress is not None and not callable(self.progress):
+            raise InvalidArgumentError(
+                f"CheckpointOptions.progress must be callable, got {self.progress!r}"
+            )
 
     def compression_for(self, key: str) -> Compression | None:
         """The compressor for the array at ``key`` (None: stored raw)."""

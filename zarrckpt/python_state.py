@@ -99,6 +99,12 @@ class _NumpyValue(Trackable):
     def _saveable_values(self) -> dict[str, SaveableValue]:
         return {VARIABLE_VALUE: _NumpyAttributeValue(self)}
 
+    def __repr__(self) -> str:
+        value = self.value
+        if value is None:
+            return "<NumpyState value: not restored yet>"
+        return f"<NumpyState value {value.dtype.name}{list(np.shape(value))}>"
+
 
 class _NumpyAttributeValue(SaveableValue):
     def __init__(self, holder: _NumpyValue) -> None:

@@ -196,6 +196,11 @@ class Trackable:
     def _check_saveable(self, path: str) -> None:
         """Raise if this object cannot be saved now (``path`` is for the message)."""
 
+    def __repr__(self) -> str:
+        names = [name for name, _ in self._checkpoint_dependencies()]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        return f"<{type(self).__qualname__} dependencies: [{shown}]>"
+
     def _defer_restoration(self, name: str, restorer: DeferredRestorer, node_id: int) -> None:
         """Remember that dependency ``name`` has saved values waiting for it."""
         self._zc_tracking.deferred.setdefault(name, []).append((restorer, node_id))

@@ -102,6 +102,7 @@ class Variable(Trackable):
     def __repr__(self) -> str:
         name = f" {self.name!r}" if self.name else ""
         body = np.array2string(self._value, threshold=6, edgeitems=2, separator=", ")
+        body = " ".join(body.split())  # one line, whatever the rank
         return f"<zarrckpt.Variable{name} shape={self.shape} dtype={self.dtype.name} {body}>"
 
     def _saveable_values(self) -> dict[str, SaveableValue]:

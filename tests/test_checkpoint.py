@@ -270,13 +270,18 @@ def test_optimizer_and_model_round_trip_with_training_state(tmp_path, model):
     status.assert_consumed()
 
 
-def test_object_reached_twice_is_saved_once(tmp_path):
+def _saved_with_one_object_on_two_paths(tmp_path) -> tuple[Dense, str]:
+    """A checkpoint of root.a and root.b.inner, both the same Dense."""
     shared = Dense(2, 2, seed=0)
     root = zc.AutoTrackable()
     root.a = shared
     root.b = zc.AutoTrackable()
     root.b.inner = shared
-    path = zc.Checkpoint(root=root).write(tmp_path / "c")
+    return shared, zc.Checkpoint(root=root).write(tmp_path / "c")
+
+
+def test_object_reached_twice_is_saved_once(tmp_path):
+    shared, path = _saved_with_one_object_on_two_paths(tmp_path)
     graph = zc.ObjectGraph.decode((tmp_path / "c" / "object_graph.msgpack").read_bytes())
     assert sorted(a.key for _, a in graph.attributes()) == [
         "root/a/bias/.ATTRIBUTES/VARIABLE_VALUE",
@@ -290,12 +295,7 @@ def test_object_reached_twice_is_saved_once(tmp_path):
 
 
 def test_object_saved_once_restored_into_two_live_objects_gives_both_its_values(tmp_path):
-    shared = Dense(2, 2, seed=0)
-    root = zc.AutoTrackable()
-    root.a = shared
-    root.b = zc.AutoTrackable()
-    root.b.inner = shared
-    path = zc.Checkpoint(root=root).write(tmp_path / "c")
+    shared, path = _saved_with_one_object_on_two_paths(tmp_path)
     fresh = zc.AutoTrackable()
     fresh.a, fresh.b = Dense(2, 2, seed=5), zc.AutoTrackable()
     fresh.b.inner = Dense(2, 2, seed=6)  # the program no longer shares them

@@ -11,6 +11,7 @@ directory, and through failing ``os`` calls for the local rename protocol.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import threading
@@ -394,14 +395,14 @@ def test_failed_background_delete_does_not_lose_the_next_save(faulty):
 
 
 class _OsFaults:
-    """Fails the Nth call of an os function (writev, rename, unlink) with EIO."""
+    """Fails the Nth call of an os function (writev, rename, unlink, fsync, replace) with EIO."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.monkeypatch = monkeypatch
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
         self.fail: dict[str, int] = {}
-        for name in ("writev", "rename", "unlink"):
+        for name in ("writev", "rename", "unlink", "fsync", "replace"):
             self._wrap(name)
 
     def _wrap(self, name: str) -> None:
@@ -423,28 +424,49 @@ class _OsFaults:
             self.fail = dict(fail)
 
 
-@pytest.mark.parametrize("call", ["writev", "rename"])
+@pytest.mark.parametrize("call", ["writev", "rename", "fsync"])
 def test_local_save_with_each_failing_os_call(tmp_path, monkeypatch, call):
     base = str(tmp_path / "run")
+    options = CheckpointOptions() if call == "fsync" else NO_FSYNC
     model = Model(seed=8)
     ckpt = zc.Checkpoint(model=model)
-    committed = {ckpt.save(f"{base}/ckpt", options=NO_FSYNC): _state(model)}
+    committed = {ckpt.save(f"{base}/ckpt", options=options): _state(model)}
     faults = _OsFaults(monkeypatch)
     faults.reset()
     model.embedding.assign(np.full(model.embedding.shape, -1, np.float32))
-    committed[ckpt.save(f"{base}/ckpt", options=NO_FSYNC)] = _state(model)
+    committed[ckpt.save(f"{base}/ckpt", options=options)] = _state(model)
     total = faults.counts.get(call, 0)
-    assert total >= 1
+    assert total >= (20 if call == "fsync" else 1)  # every file and directory
     for n in range(1, total + 1):
         model.embedding.assign(np.full(model.embedding.shape, n, np.float32))
         faults.reset(**{call: n})
         with pytest.raises(OSError) as info:
-            ckpt.save(f"{base}/ckpt", options=NO_FSYNC)
+            ckpt.save(f"{base}/ckpt", options=options)
         assert "injected fault" in str(info.value)
         faults.reset()
         assert int(ckpt.save_counter.numpy()) == 2
         _assert_directory(base, None, committed, with_optimizer=False, absent=(f"{base}/ckpt-3",))
         assert sorted(os.listdir(base)) == ["ckpt-1", "ckpt-2"]  # no temporary left behind
+
+
+def test_local_state_file_that_cannot_be_replaced_loses_no_checkpoint(tmp_path, monkeypatch):
+    faults = _OsFaults(monkeypatch)
+    model = Model(seed=11)
+    manager = zc.CheckpointManager(zc.Checkpoint(model=model), str(tmp_path), max_to_keep=2)
+    manager.save(options=NO_FSYNC)
+    faults.reset(replace=1)  # the state file's atomic replacement
+    with pytest.warns(RuntimeWarning, match=r"ckpt-2 is saved, but .*could not be written"):
+        path = manager.save(options=NO_FSYNC)
+    faults.reset()
+    assert _restored_state(path, None, False) == _state(model)
+    assert _name(zc.latest_checkpoint(str(tmp_path))) == "ckpt-2"
+    temporaries = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert len(temporaries) == 1  # the new state file, written but not moved into place
+    assert zc.gc(str(tmp_path), older_than=0.0) == [str(tmp_path / temporaries[0])]
+    manager.save(options=NO_FSYNC)
+    manager.wait()
+    state = json.loads((tmp_path / "zarrckpt_state.ckpt.json").read_text())
+    assert [c["name"] for c in state["checkpoints"]] == ["ckpt-2", "ckpt-3"]
 
 
 @pytest.mark.parametrize("call", ["rename", "unlink"])

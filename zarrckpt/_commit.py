@@ -328,9 +328,15 @@ class LocalCommit(Commit):
                 raise taken from None
             raise
         if self.fsync:
-            fsync_directory(self.parent)
-            for created in self._new_parents:
-                fsync_directory(os.path.dirname(created))
+            try:
+                fsync_directory(self.parent)
+                for created in self._new_parents:
+                    fsync_directory(os.path.dirname(created))
+            except OSError:
+                # Not durable, so not committed: take it back (abort() removes it),
+                # so that a failed save never leaves a checkpoint behind.
+                os.rename(self.path, self.temp_path)
+                raise
 
     def abort(self) -> None:
         shutil.rmtree(self.temp_path, ignore_errors=True)

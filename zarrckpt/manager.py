@@ -342,7 +342,17 @@ class CheckpointManager:
             self._last_saved_step = int(self._step_counter.numpy())
         self._join_deletions(raise_errors=False)
         self._delete_in_background(self._sweep())
-        self._write_state()
+        try:
+            self._write_state()
+        except OSError as exc:
+            # The checkpoint is committed; the state file only caches what was
+            # preserved, and the next save writes it again.
+            warnings.warn(
+                f"{path} is saved, but {self._state_path()} could not be written ({exc}); "
+                "the next save writes it again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return path
 
     def _sweep(self) -> list[_Entry]:

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -271,9 +272,18 @@ def test_every_failed_write_of_a_manager_save(faulty):
         model.embedding.assign(np.full(model.embedding.shape, n, np.float32))
         plan.reset(fail={"write": n})
         number = int(ckpt.save_counter.numpy()) + 1
-        with pytest.raises((OSError, ZarrckptError)) as info:
-            manager.save(options=NO_FSYNC)
-        _assert_injected(info.value, plan)
+        raised: BaseException | None = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                manager.save(options=NO_FSYNC)
+            except (OSError, ZarrckptError) as exc:
+                raised = exc
+        if raised is None:  # only the state file may fail without failing the save
+            assert [_name(path) for _, _, path in plan.injected] == ["zarrckpt_state.ckpt.json"]
+            assert any("could not be written" in str(w.message) for w in caught), caught
+        else:
+            _assert_injected(raised, plan)
         manager.wait()
         plan.reset()
         path = f"{base}/ckpt-{number}"

@@ -40,6 +40,7 @@ import fsspec
 import msgpack
 import numpy as np
 
+from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._storage import (
     FsspecStorage,
     LocalStorage,
@@ -49,7 +50,7 @@ from zarrckpt._storage import (
     is_local,
 )
 from zarrckpt._storage import resolve as resolve_path
-from zarrckpt.array_io import ChunkFile, group_metadata
+from zarrckpt.array_io import ArrayLayout, ChunkFile, group_metadata, read_layout
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -58,7 +59,7 @@ from zarrckpt.errors import (
     InvalidArgumentError,
     ZarrckptError,
 )
-from zarrckpt.record import ObjectGraph
+from zarrckpt.record import ObjectGraph, SavedAttribute
 
 __all__ = [
     "COMMIT_KEY",
@@ -438,6 +439,12 @@ class CommittedCheckpoint:
     storage: Storage
     manifest: Manifest
     graph: ObjectGraph
+
+    def layout(self, attribute: SavedAttribute) -> ArrayLayout:
+        """The stored layout of a saved value, checked against the record's shape and dtype."""
+        return read_layout(
+            self.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+        )
 
 
 def open_committed(

@@ -17,7 +17,7 @@ import numpy as np
 
 from zarrckpt._dtypes import dtype_name
 from zarrckpt._keys import attribute_key, escape_name, slot_variable_path
-from zarrckpt.errors import UnsupportedValueError
+from zarrckpt.errors import UnsupportedValueError, caller_location
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.record import (
     ChildReference,
@@ -167,9 +167,9 @@ def _warn_untracked_in_collections(view: GraphView) -> None:
             ):
                 unsaved.append(f"{view.paths[node_id] or '<root>'}.{name}")
     if unsaved:
-        warnings.warn(
+        warnings.warn_explicit(
             f"Trackables held only in tuples or sets are not saved: {', '.join(unsaved)}. "
             "Assign a list (tracked) instead.",
             UserWarning,
-            stacklevel=4,
+            *caller_location(),
         )

@@ -12,7 +12,6 @@ restored when they are attached (deferred restoration).
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -32,7 +31,12 @@ from zarrckpt._commit import (
 )
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._graph import build_save_plan, list_objects
-from zarrckpt.errors import InvalidArgumentError, MatchError, UnmatchedValuesWarning
+from zarrckpt.errors import (
+    InvalidArgumentError,
+    MatchError,
+    UnmatchedValuesWarning,
+    caller_location,
+)
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import SavedAttribute, SlotVariableReference
@@ -186,19 +190,6 @@ class Checkpoint(AutoTrackable):
         return f"<zarrckpt.Checkpoint dependencies={names}>"
 
 
-def _caller() -> tuple[str, int]:
-    """File and line of the first frame outside zarrckpt: where the user called us."""
-    frame = sys._getframe(1)
-    package = os.path.dirname(__file__)
-
-    def ours(filename: str) -> bool:  # zarrckpt's own, or generated (a dataclass __init__)
-        return filename.startswith("<") or os.path.dirname(filename) == package
-
-    while frame.f_back is not None and ours(frame.f_code.co_filename):
-        frame = frame.f_back
-    return frame.f_code.co_filename, frame.f_lineno
-
-
 @dataclass
 class _RestoreProgress:
     """What a restore has done so far; outlives the session for the final warning."""
@@ -207,7 +198,7 @@ class _RestoreProgress:
     all_keys: list[str]
     restored_keys: set[str] = field(default_factory=set)
     expect_partial: bool = False
-    called_from: tuple[str, int] = field(default_factory=_caller)
+    called_from: tuple[str, int] = field(default_factory=caller_location)
 
     def unrestored(self) -> list[str]:
         return [key for key in self.all_keys if key not in self.restored_keys]
@@ -303,7 +294,7 @@ class RestoreSession:
         elif not inside_duplicate:
             # One saved object reached through two paths that now lead to two live
             # objects: both get its values (TensorFlow restores the first only).
-            filename, lineno = _caller()
+            filename, lineno = caller_location()
             warnings.warn_explicit(
                 f"{self.checkpoint.url}: saved object {self.describe_node(node_id)!r} matches "
                 f"two live objects ({first!r} and {obj!r}); both get its values",
@@ -363,12 +354,10 @@ class RestoreSession:
 
     def _transfer(self, transfers: list[_Transfer]) -> None:
         storage = self.checkpoint.storage
-        targets = []
-        for attribute, _, destination in transfers:
-            layout = array_io.read_layout(
-                storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
-            )
-            targets.append((attribute.key, layout, destination))
+        targets = [
+            (attribute.key, self.checkpoint.layout(attribute), destination)
+            for attribute, _, destination in transfers
+        ]
         array_io.read_arrays(storage, targets, self.options, self.io_stats)
         for attribute, saveable, destination in transfers:
             saveable.commit(destination)

@@ -27,9 +27,7 @@ import numpy as np
 
 import zarrckpt as zc
 from zarrckpt._commit import open_committed
-from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._storage import resolve as resolve_path
-from zarrckpt.array_io import read_layout
 from zarrckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -137,9 +135,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for _, attribute in sorted(checkpoint.graph.attributes(), key=lambda item: item[1].key):
-        layout = read_layout(
-            checkpoint.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
-        )
+        layout = checkpoint.layout(attribute)
         rows.append(
             (
                 attribute.key,

@@ -9,6 +9,9 @@ versus what was found.
 
 from __future__ import annotations
 
+import os
+import sys
+
 __all__ = [
     "CheckpointExistsError",
     "ChecksumError",
@@ -29,6 +32,7 @@ __all__ = [
     "UnsupportedValueError",
     "VariableNotFoundError",
     "ZarrckptError",
+    "caller_location",
 ]
 
 
@@ -112,3 +116,20 @@ class MatchError(ZarrckptError, AssertionError):
 
 class UnmatchedValuesWarning(UserWarning):
     """Some checkpointed values were never matched to a live object."""
+
+
+def caller_location() -> tuple[str, int]:
+    """File and line of the first frame outside zarrckpt: where to point a warning.
+
+    For ``warnings.warn_explicit``: a warning raised deep in a save or restore,
+    or when a status is collected, then names the user's call.
+    """
+    frame = sys._getframe(1)
+    package = os.path.dirname(__file__)
+
+    def ours(filename: str) -> bool:  # zarrckpt's own, or generated (a dataclass __init__)
+        return filename.startswith("<") or os.path.dirname(filename) == package
+
+    while frame.f_back is not None and ours(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from zarrckpt._commit import CommittedCheckpoint, open_committed
-from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._keys import ATTRIBUTES
-from zarrckpt.array_io import ArrayLayout, read_layout, read_selection
+from zarrckpt.array_io import ArrayLayout, read_selection
 from zarrckpt.errors import InvalidArgumentError, VariableNotFoundError
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import ObjectGraph, SavedAttribute
@@ -142,9 +141,7 @@ def load_variable(
     """
     checkpoint = open_committed(path, storage_options)
     attribute = _find(checkpoint, key)
-    layout = read_layout(
-        checkpoint.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
-    )
+    layout = checkpoint.layout(attribute)
     return _load(checkpoint, attribute, layout, index, options)
 
 
@@ -166,9 +163,7 @@ class LazyVariable:
     ) -> None:
         self._checkpoint = checkpoint
         self._attribute = attribute
-        self._layout = read_layout(
-            checkpoint.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
-        )
+        self._layout = checkpoint.layout(attribute)
         self._options = options
 
     @property

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from zarrckpt._commit import COMMIT_KEY, open_committed
-from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._storage import Storage
 from zarrckpt.array_io import (
     ChunkFile,
@@ -22,7 +21,6 @@ from zarrckpt.array_io import (
     chunk_key,
     file_checksum,
     is_chunk_file,
-    read_layout,
     run_tasks,
 )
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError, MissingChunkError
@@ -112,14 +110,7 @@ def verify(
         arrays += 1
         if f"{attribute.key}/zarr.json" not in listed:
             raise MissingChunkError(f"{storage.url}/{attribute.key}: not in {COMMIT_KEY}")
-        layout = read_layout(
-            storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
-        )
-        if layout.shape != attribute.shape:
-            raise CorruptCheckpointError(
-                f"{storage.url}/{attribute.key}: shape {layout.shape}, record says "
-                f"{attribute.shape}"
-            )
+        layout = checkpoint.layout(attribute)  # shape and dtype checked against the record
         for coords in _grid(layout.grid):
             if chunk_key(attribute.key, coords) not in listed:
                 raise MissingChunkError(

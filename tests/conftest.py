@@ -57,6 +57,57 @@ def model() -> Model:
     return Model(seed=0)
 
 
+def manifest_entries(storage) -> dict:
+    """What a manifest would list for the files under ``storage`` now (key -> ChunkFile).
+
+    For tests that read files written outside a checkpoint (by zarr, say).
+    """
+    from zarrckpt.array_io import ChunkFile, file_checksum
+
+    entries = {}
+    for key, size in storage.sizes().items():
+        checksum = file_checksum(key, storage.read(key))
+        assert checksum is not None, key
+        entries[key] = ChunkFile(key, size, checksum)
+    return entries
+
+
+def reseal_manifest(path, drop=(), **changes) -> None:
+    """Rewrite a local checkpoint's ``_COMMIT`` to match its files now, as a forger would.
+
+    Every listed file gets its current size and CRC (a chunk whose own CRC is
+    wrong gets its stored trailer, so that only the chunk's own check can
+    catch it); keys in ``drop`` are left out; the record hash is recomputed;
+    ``changes`` replace Manifest fields. The manifest's own CRC is then right.
+    """
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, Manifest
+    from zarrckpt.array_io import ChunkFile, file_checksum
+
+    path = Path(path)
+    manifest = Manifest.decode((path / COMMIT_KEY).read_bytes(), where=str(path))
+    files = []
+    for entry in manifest.files:
+        if entry.key in drop:
+            continue
+        data = (path / entry.key).read_bytes()
+        checksum = file_checksum(entry.key, data)
+        if checksum is None:
+            checksum = int.from_bytes(data[-4:], "little")
+        files.append(ChunkFile(entry.key, len(data), checksum))
+    record = hashlib.sha256((path / RECORD_KEY).read_bytes()).hexdigest()
+    resealed = dataclasses.replace(manifest, files=tuple(files), record_sha256=record, **changes)
+    (path / COMMIT_KEY).write_bytes(resealed.encode())
+
+
+def by_key(files) -> dict:
+    """write_arrays' result as the ``files`` mapping read_arrays checks against."""
+    return {f.key: f for f in files}
+
+
 def random_array(dtype_name: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """Random values of any supported dtype; float types get random bit patterns (NaNs too)."""
     dtype = dtype_from_name(dtype_name)

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import zarrckpt as zc
-from tests.conftest import random_array
+from tests.conftest import by_key, random_array
 from zarrckpt import array_io
 from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES, dtype_from_name
 from zarrckpt._storage import LocalStorage
@@ -141,7 +141,7 @@ def test_zero_size_arrays_write_and_read_back(tmp_path, shape):
     layout = array_io.read_layout(storage, "e")
     assert layout.shape == shape and math.prod(layout.grid) == 0
     out = np.zeros(shape, np.float32)
-    array_io.read_arrays(storage, [("e", layout, out)])
+    array_io.read_arrays(storage, [("e", layout, out)], by_key(files))
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (3, 0), (2, 0, 5)], ids=str)
@@ -365,7 +365,9 @@ def test_many_chunks_round_trip(tmp_path, threads):
             # is the same constant for every chunk (the residue).
             assert (record.size, record.crc32c) == (len(data), crc32c.crc32c(data[:-4]))
         out = random_array(MANY_CHUNKS[key][0], value.shape, seed=99)
-        array_io.read_arrays(storage, [(key, layout, out)], CheckpointOptions(threads=threads))
+        array_io.read_arrays(
+            storage, [(key, layout, out)], by_key, CheckpointOptions(threads=threads)
+        )
         assert same_bits(out, value), key
     # Metadata of every array and of every group above one is listed too.
     assert {"a/zarr.json", "a/.ATTRIBUTES/zarr.json", "c/.ATTRIBUTES/bool/zarr.json"} <= set(by_key)
@@ -452,11 +454,15 @@ def test_missing_chunk_raises_missing_chunk_error_naming_key_and_chunk(tmp_path)
 def test_missing_chunk_among_many(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("float64", (40, 3), seed=5)
-    array_io.write_arrays(storage, [("k/.ATTRIBUTES/v", value)], CheckpointOptions(chunk_bytes=48))
+    files = array_io.write_arrays(
+        storage, [("k/.ATTRIBUTES/v", value)], CheckpointOptions(chunk_bytes=48)
+    )
     os.remove(os.path.join(storage.root, "k/.ATTRIBUTES/v", "c", "7", "0"))
     layout = array_io.read_layout(storage, "k/.ATTRIBUTES/v")
     with pytest.raises(MissingChunkError) as info:
-        array_io.read_arrays(storage, [("k/.ATTRIBUTES/v", layout, np.empty((40, 3)))])
+        array_io.read_arrays(
+            storage, [("k/.ATTRIBUTES/v", layout, np.empty((40, 3)))], by_key(files)
+        )
     assert "'k/.ATTRIBUTES/v'" in str(info.value) and "(7, 0)" in str(info.value)
 
 
@@ -485,14 +491,14 @@ def test_flipped_byte_raises_checksum_error_naming_key_and_chunk(tmp_path, posit
 def test_flipped_byte_in_edge_chunk_padding_raises_checksum_error(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("int32", (10, 3), seed=6)
-    array_io.write_arrays(storage, [("p", value)], CheckpointOptions(chunk_bytes=48))
+    files = array_io.write_arrays(storage, [("p", value)], CheckpointOptions(chunk_bytes=48))
     chunk = os.path.join(storage.root, "p", "c", "2", "0")
     data = bytearray(Path(chunk).read_bytes())
     data[-5] ^= 0x01  # last padding byte: rows 10 and 11 do not exist
     Path(chunk).write_bytes(bytes(data))
     layout = array_io.read_layout(storage, "p")
     with pytest.raises(ChecksumError, match=r"\(2, 0\)"):
-        array_io.read_arrays(storage, [("p", layout, np.empty((10, 3), np.int32))])
+        array_io.read_arrays(storage, [("p", layout, np.empty((10, 3), np.int32))], by_key(files))
 
 
 @pytest.mark.parametrize("change", ["empty", "minus-1", "minus-crc", "plus-1", "plus-1000"])
@@ -562,7 +568,7 @@ def test_array_metadata_zarrckpt_did_not_write_is_rejected(tmp_path, edit):
 def test_read_into_non_contiguous_destinations(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("float32", (30, 4), seed=7)
-    array_io.write_arrays(storage, [("v", value)], CheckpointOptions(chunk_bytes=40))
+    files = array_io.write_arrays(storage, [("v", value)], CheckpointOptions(chunk_bytes=40))
     layout = array_io.read_layout(storage, "v")
     assert math.prod(layout.grid) >= 10
 
@@ -574,7 +580,7 @@ def test_read_into_non_contiguous_destinations(tmp_path):
     backing = np.full(200, -1.0, np.float32)
     offset_view = backing[37 : 37 + 120].reshape(30, 4)  # contiguous, not at offset 0
     for out in (strided, fortran, transposed, swapped, offset_view):
-        array_io.read_arrays(storage, [("v", layout, out)])
+        array_io.read_arrays(storage, [("v", layout, out)], by_key(files))
         assert same_bits(out, value)
     assert np.all(wide[:, 1::2] == -1.0)
     assert np.all(backing[:37] == -1.0) and np.all(backing[157:] == -1.0)
@@ -582,10 +588,10 @@ def test_read_into_non_contiguous_destinations(tmp_path):
 
 def test_read_rejects_destination_of_another_shape_or_dtype(tmp_path):
     storage = _storage(tmp_path)
-    array_io.write_arrays(storage, [("v", np.arange(12, dtype=np.int32).reshape(3, 4))])
+    files = array_io.write_arrays(storage, [("v", np.arange(12, dtype=np.int32).reshape(3, 4))])
     layout = array_io.read_layout(storage, "v")
     for out in (np.zeros((4, 3), np.int32), np.zeros((3, 4), np.int64), np.zeros(12, np.int32)):
         before = out.copy()
         with pytest.raises(CorruptCheckpointError):
-            array_io.read_arrays(storage, [("v", layout, out)])
+            array_io.read_arrays(storage, [("v", layout, out)], by_key(files))
         assert np.array_equal(out, before)

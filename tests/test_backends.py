@@ -14,6 +14,7 @@ import posixpath
 import threading
 import time
 
+import crc32c
 import fsspec
 import msgpack
 import numpy as np
@@ -23,7 +24,13 @@ from fsspec.implementations.local import LocalFileSystem
 import zarrckpt as zc
 from tests.conftest import Adam, Model, model_variables
 from zarrckpt import array_io
-from zarrckpt._commit import COMMIT_KEY, ObjectStoreCommit, begin_commit, open_committed
+from zarrckpt._commit import (
+    COMMIT_KEY,
+    Manifest,
+    ObjectStoreCommit,
+    begin_commit,
+    open_committed,
+)
 from zarrckpt._graph import build_save_plan
 from zarrckpt.errors import (
     CheckpointExistsError,
@@ -378,7 +385,9 @@ def test_publish_losing_a_race_with_any_error_is_a_clear_conflict(backend):
     with pytest.raises(CheckpointExistsError, match="another writer"):
         loser.finalize(loser_plan.graph.encode(), written[1])
     loser.abort()
-    assert msgpack.unpackb(fs.cat_file(f"{root}/{COMMIT_KEY}"))["attempt"] == winner.attempt
+    assert (
+        Manifest.decode(fs.cat_file(f"{root}/{COMMIT_KEY}"), where=root).attempt == winner.attempt
+    )
     assert not fs.exists(f"{root}/{loser.attempt}")
     fresh = Model(seed=1)
     zc.Checkpoint(model=fresh).restore(f"{base}/run/ckpt-9", storage_options=so).assert_consumed()
@@ -687,6 +696,7 @@ def _make_foreign(base: str, so: dict | None) -> dict[str, dict[str, int]]:
     fs, root = _fs(f"{base}/run", so)
     join = os.path.join if isinstance(fs, LocalFileSystem) else posixpath.join
     future = msgpack.packb({"format_name": "zarrckpt.commit", "format": 2})
+    future += crc32c.crc32c(future).to_bytes(4, "little")  # sealed, as every manifest is
     for path, data in [
         (join(root, "ckpt-4", "zarr.json"), b"{}"),
         (join(root, "tensorboard-1", "events.out"), b"not a checkpoint"),

@@ -18,6 +18,7 @@ import tensorstore
 import zarr
 
 import zarrckpt as zc
+from tests.conftest import manifest_entries, reseal_manifest
 from zarrckpt import array_io
 from zarrckpt._storage import LocalStorage
 from zarrckpt.array_io import ByteBudget
@@ -283,12 +284,14 @@ def test_zarr_written_compressed_array_is_read_by_zarrckpt(tmp_path):
     read_layout = array_io.read_layout(storage, "v")
     assert read_layout.compression == zc.Zstd(level=2)
     out = np.zeros_like(value)
-    array_io.read_arrays(storage, [("v", read_layout, out)])
+    array_io.read_arrays(storage, [("v", read_layout, out)], manifest_entries(storage))
     np.testing.assert_array_equal(out, value)
 
 
-def _rewrite_chunk(chunk: Path, body: bytes) -> None:
+def _rewrite_chunk(path: Path, chunk: Path, body: bytes) -> None:
+    """Replace a chunk and the manifest with it, as a forger would: CRCs all agree."""
     chunk.write_bytes(body + crc32c.crc32c(body).to_bytes(4, "little"))
+    reseal_manifest(path)
 
 
 def test_flipped_byte_in_compressed_chunk_is_a_checksum_error(tmp_path):
@@ -308,7 +311,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     chunk = _chunk_files(path, KEYS["dense"])[0]
     bomb = numcodecs.Zstd(level=19).encode(np.zeros(256 * MiB, np.uint8))
     assert len(bomb) < 64 * KiB
-    _rewrite_chunk(chunk, bomb)  # a valid CRC: only the size guard can stop it
+    _rewrite_chunk(path, chunk, bomb)  # a valid CRC: only the size guard can stop it
 
     def restore() -> None:
         with pytest.raises(CorruptCheckpointError, match="declares 268435456 decoded bytes"):
@@ -323,7 +326,7 @@ def test_zstd_frame_without_declared_size_is_refused(tmp_path):
     chunk = _chunk_files(path, KEYS["dense"])[0]
     # A zstd frame header with no content size field (streaming frame).
     frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x58]) + b"\x01\x00\x00"
-    _rewrite_chunk(chunk, frame)
+    _rewrite_chunk(path, chunk, frame)
     with pytest.raises(CorruptCheckpointError, match="declares None decoded bytes"):
         zc.Checkpoint(model=_compressible_model()).read(path)
 
@@ -334,7 +337,7 @@ def test_blosc_header_lying_about_its_size_is_refused(tmp_path):
     chunk = _chunk_files(path, KEYS["embedding"])[0]
     body = bytearray(chunk.read_bytes()[:-4])
     body[4:8] = (1 << 30).to_bytes(4, "little")  # nbytes: claims 1 GiB
-    _rewrite_chunk(chunk, bytes(body))
+    _rewrite_chunk(path, chunk, bytes(body))
     with pytest.raises(CorruptCheckpointError, match="declares 1073741824 decoded bytes"):
         zc.Checkpoint(model=_compressible_model()).read(path)
 

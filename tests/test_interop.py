@@ -15,7 +15,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
 import zarrckpt as zc
-from tests.conftest import Adam, Model, model_variables, random_array
+from tests.conftest import Adam, Model, manifest_entries, model_variables, random_array
 from zarrckpt import array_io
 from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, TEMP_MARKER, LocalCommit
 from zarrckpt._dtypes import SUPPORTED_DTYPE_NAMES
@@ -184,7 +184,9 @@ def test_multi_chunk_files_match_zarr_byte_for_byte(tmp_path, dtype_name, shape)
     theirs_storage = LocalStorage(str(tmp_path), fsync=False)
     out = np.zeros(shape, value.dtype)
     array_io.read_arrays(
-        theirs_storage, [("zarr", array_io.read_layout(theirs_storage, "zarr"), out)]
+        theirs_storage,
+        [("zarr", array_io.read_layout(theirs_storage, "zarr"), out)],
+        manifest_entries(theirs_storage),
     )
     assert bits(out) == bits(value)
 

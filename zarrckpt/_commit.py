@@ -28,10 +28,11 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,18 +49,29 @@ from zarrckpt._storage import (
     check_relative_key,
     fsync_directory,
     is_local,
+    open_storage,
 )
 from zarrckpt._storage import resolve as resolve_path
-from zarrckpt.array_io import ArrayLayout, ChunkFile, group_metadata, read_layout
+from zarrckpt.array_io import (
+    MAX_METADATA_BYTES,
+    ArrayLayout,
+    ChunkFile,
+    chunk_size_limits,
+    group_metadata,
+    parse_layout,
+    read_checked,
+)
 from zarrckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
+    IncompleteSaveError,
     InvalidArgumentError,
+    MissingChunkError,
     ZarrckptError,
 )
-from zarrckpt.record import ObjectGraph, SavedAttribute
+from zarrckpt.record import MAX_RECORD_BYTES, ObjectGraph, SavedAttribute
 
 __all__ = [
     "COMMIT_KEY",
@@ -80,7 +92,11 @@ RECORD_KEY = "object_graph.msgpack"
 TEMP_MARKER = ".zarrckpt-tmp-"
 DELETING_MARKER = ".zarrckpt-deleting-"
 _MANIFEST_NAME = "zarrckpt.commit"
-_MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 256 << 20
+_SEAL_BYTES = 4
+# Commit times beyond the year 9999 are damage (and no clock or calendar takes them).
+_LATEST_TIME = 253402300799.0
+_ARRAY_CHUNK = re.compile(r"(?P<key>.+)/c(?:/\d+)*")
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 _MAX_METADATA_ENTRIES = 256
 _MAX_METADATA_TEXT = 1024
@@ -129,9 +145,14 @@ class Manifest:
 
     ``attempt`` is "" when the data is in the checkpoint directory itself
     (local filesystems), else the attempt prefix holding it (object stores).
-    ``created`` is the commit time (seconds since the epoch). ``metadata`` is
-    what the writer attached (``Checkpoint.write(metadata=...)``; the
-    manager's metrics), validated by :func:`check_metadata`.
+    ``created`` is the commit time (seconds since the epoch), information only:
+    checkpoints are ordered by number. ``metadata`` is what the writer attached
+    (``Checkpoint.write(metadata=...)``; the manager's metrics), validated by
+    :func:`check_metadata`. ``writer`` names the process that committed it
+    (``host:pid:id``).
+
+    Encoded as msgpack followed by the CRC32C of those bytes (4 bytes, little
+    endian), so any changed byte of the manifest is detected.
     """
 
     record_sha256: str
@@ -140,6 +161,7 @@ class Manifest:
     created: float = 0.0
     format: int = FORMAT
     metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
+    writer: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -155,17 +177,25 @@ class Manifest:
             "record_sha256": self.record_sha256,
             "files": [[f.key, f.size, f.crc32c] for f in self.files],
             "metadata": dict(self.metadata),
+            "writer": self.writer,
         }
         packed: bytes = msgpack.packb(document, use_bin_type=True)
-        return packed
+        return packed + crc32c.crc32c(packed).to_bytes(_SEAL_BYTES, "little")
 
     @classmethod
     def decode(cls, data: bytes, *, where: str) -> Manifest:
-        if len(data) > _MAX_MANIFEST_BYTES:
+        """Check the manifest's own CRC32C, then parse and validate every field."""
+        if len(data) > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(f"{where}: commit manifest is too large")
+        body, seal = data[:-_SEAL_BYTES], data[-_SEAL_BYTES:]
+        if len(data) <= _SEAL_BYTES or crc32c.crc32c(body) != int.from_bytes(seal, "little"):
+            raise CorruptCheckpointError(
+                f"{where}: the commit manifest's CRC32C does not match its bytes (damaged, "
+                "truncated, or written by zarrckpt 0.1, whose manifests carry no checksum)"
+            )
         try:
             doc = msgpack.unpackb(
-                data,
+                body,
                 raw=False,
                 max_bin_len=0,
                 max_ext_len=0,
@@ -183,27 +213,56 @@ class Manifest:
                     f"{where}: checkpoint format {version}; this zarrckpt reads format {FORMAT}"
                 )
             attempt, created, digest = doc["attempt"], doc["created"], doc["record_sha256"]
+            writer = doc["writer"]
             if not isinstance(attempt, str) or (attempt and not _ATTEMPT.fullmatch(attempt)):
                 raise ValueError(f"attempt {attempt!r} is not a valid attempt name")
-            if not isinstance(created, float | int) or isinstance(created, bool):
-                raise ValueError("created must be a number")
+            if (
+                not isinstance(created, float | int)
+                or isinstance(created, bool)
+                or not 0 <= created <= _LATEST_TIME  # NaN fails too
+            ):
+                raise ValueError(f"created {created!r} is not a time between 1970 and 9999")
             if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ValueError("record_sha256 must be 64 hex digits")
+            if not isinstance(writer, str) or len(writer) > 1024:
+                raise ValueError("writer must be a short string")
             files = []
             for item in doc["files"]:
+                if not isinstance(item, list) or len(item) != 3:
+                    raise ValueError(f"bad file entry {item!r}")
                 key, size, crc = item
-                if not (isinstance(key, str) and type(size) is int and type(crc) is int):
+                if not (
+                    isinstance(key, str)
+                    and type(size) is int
+                    and type(crc) is int
+                    and 0 <= size < 1 << 63
+                    and 0 <= crc < 1 << 32
+                ):
                     raise ValueError(f"bad file entry {item!r}")
                 files.append(ChunkFile(check_relative_key(key), size, crc))
-            try:
-                metadata = check_metadata(doc.get("metadata", {}), where=where)
-            except InvalidArgumentError as exc:
-                raise ValueError(str(exc)) from None
-        except ZarrckptError:
+            if len({f.key for f in files}) != len(files):
+                raise ValueError("a file is listed twice")
+            metadata = check_metadata(doc["metadata"], where=where)
+        except FormatVersionError:
             raise
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        except (
+            ZarrckptError,
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+            msgpack.UnpackException,
+        ) as exc:
             raise CorruptCheckpointError(f"{where}: malformed commit manifest ({exc})") from exc
-        return cls(digest, tuple(files), attempt, float(created), version, metadata)
+        return cls(digest, tuple(files), attempt, float(created), version, metadata, writer)
+
+
+def writer_identity() -> str:
+    """``host:pid:id`` of this process: who committed a checkpoint (see Manifest.writer)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_ID}"
+
+
+_PROCESS_ID = uuid.uuid4().hex[:12]
 
 
 def root_group_attributes() -> dict[str, Any]:
@@ -271,9 +330,31 @@ class Commit(ABC):
             attempt=self.attempt,
             created=time.time(),
             metadata=check_metadata(metadata, where=self.url),
+            writer=writer_identity(),
         )
+        self.check_written(every_file)
         self.publish(manifest)
         return manifest
+
+    def check_written(self, files: list[ChunkFile]) -> None:
+        """Every file about to be listed in ``_COMMIT`` is there with its size (one listing).
+
+        A save paused for longer than ``gc``'s age threshold can find its files
+        removed; it must fail rather than commit a checkpoint with holes.
+        """
+        found = self.storage.sizes()
+        lost = [f for f in files if found.get(f.key) != f.size]
+        if lost:
+            shown = ", ".join(
+                f"{f.key} ({'missing' if f.key not in found else f'{found[f.key]} bytes'}, "
+                f"wrote {f.size})"
+                for f in lost[:5]
+            )
+            raise IncompleteSaveError(
+                f"{self.url}: {len(lost)} of {len(files)} files written by this save vanished "
+                f"or changed before it could commit: {shown}. Was `zarrckpt gc` run with an "
+                "age threshold shorter than this save took? Nothing was committed."
+            )
 
 
 class LocalCommit(Commit):
@@ -433,18 +514,156 @@ def begin_commit(
 
 @dataclass
 class CommittedCheckpoint:
-    """A committed checkpoint opened for reading: its data storage, manifest and record."""
+    """A committed checkpoint opened for reading: its data storage, manifest and record.
+
+    Every read is checked against the manifest read here (see :attr:`files`):
+    a file from another checkpoint or another moment is an error. ``marker`` is
+    the ``_COMMIT`` as read, so a reader can tell a checkpoint deleted or
+    replaced while it read (:meth:`reading`) from a damaged one.
+    """
 
     url: str
     storage: Storage
     manifest: Manifest
     graph: ObjectGraph
+    marker: bytes = b""
+    top: Storage | None = None
+    _layouts: dict[str, ArrayLayout] = field(default_factory=dict, repr=False)
+    _files: dict[str, ChunkFile] | None = field(default=None, repr=False)
+    _chunks: dict[str, list[ChunkFile]] | None = field(default=None, repr=False)
+
+    @property
+    def files(self) -> dict[str, ChunkFile]:
+        """The manifest's entries by key relative to :attr:`storage` (the Zarr group)."""
+        if self._files is None:
+            prefix = f"{self.manifest.attempt}/" if self.manifest.attempt else ""
+            files: dict[str, ChunkFile] = {}
+            for entry in self.manifest.files:
+                if not entry.key.startswith(prefix):
+                    raise CorruptCheckpointError(
+                        f"{self.url}/{COMMIT_KEY}: lists {entry.key!r} outside the attempt "
+                        f"{self.manifest.attempt!r}"
+                    )
+                relative = entry.key[len(prefix) :]
+                files[relative] = ChunkFile(relative, entry.size, entry.crc32c)
+            self._files = files
+        return self._files
+
+    def chunk_files(self, key: str) -> list[ChunkFile]:
+        """The manifest's chunk entries of the array stored at ``key``."""
+        if self._chunks is None:
+            chunks: dict[str, list[ChunkFile]] = {}
+            for relative, entry in self.files.items():
+                match = _ARRAY_CHUNK.fullmatch(relative)
+                if match is not None:
+                    chunks.setdefault(match["key"], []).append(entry)
+            self._chunks = chunks
+        return self._chunks.get(key, [])
 
     def layout(self, attribute: SavedAttribute) -> ArrayLayout:
-        """The stored layout of a saved value, checked against the record's shape and dtype."""
-        return read_layout(
-            self.storage, attribute.key, attribute.shape, dtype_from_name(attribute.dtype)
+        """The stored layout of a saved value, checked against the record and the manifest.
+
+        ``zarr.json`` must be the file the manifest lists (size and CRC32C),
+        agree with the record's shape and dtype, and describe exactly the chunk
+        files the manifest lists, each of a size the layout allows, before any
+        per-chunk structure is built or any buffer sized.
+        """
+        cached = self._layouts.get(attribute.key)
+        if cached is not None:
+            return cached
+        key = f"{attribute.key}/zarr.json"
+        entry = self.files.get(key)
+        if entry is None:
+            raise MissingChunkError(f"{self.storage.url}/{key}: not listed in {COMMIT_KEY}")
+        raw = read_checked(self.storage, key, entry)
+        layout = parse_layout(
+            raw, f"{self.storage.url}/{key}", attribute.shape, dtype_from_name(attribute.dtype)
         )
+        where = f"{self.storage.url}/{attribute.key}"
+        listed = self.chunk_files(attribute.key)
+        count = math.prod(layout.grid)
+        if count != len(listed):
+            raise CorruptCheckpointError(
+                f"{where}: zarr.json makes {count} chunks (grid {list(layout.grid)}), "
+                f"{COMMIT_KEY} lists {len(listed)}"
+            )
+        smallest, largest = chunk_size_limits(layout)
+        for chunk in listed:
+            if not smallest <= chunk.size <= largest:
+                raise CorruptCheckpointError(
+                    f"{self.storage.url}/{chunk.key}: {COMMIT_KEY} lists {chunk.size} bytes; a "
+                    f"chunk of this array has {smallest}"
+                    + ("" if largest == smallest else f" to {largest}")
+                )
+        self._layouts[attribute.key] = layout
+        return layout
+
+    def check_manifest(self) -> dict[str, ArrayLayout]:
+        """Every saved value's layout, after checking that every listed file belongs.
+
+        A checkpoint's files are its record, ``zarr.json`` files and the chunks
+        of the record's arrays (each within its layout's size limits, see
+        :meth:`layout`); anything else listed, or any file over its kind's
+        size limit, is corruption, found before a byte of it is read.
+        """
+        layouts = {a.key: self.layout(a) for _, a in self.graph.attributes()}
+        for key, entry in self.files.items():
+            if key == RECORD_KEY:
+                limit = MAX_RECORD_BYTES
+            elif key == "zarr.json" or key.endswith("/zarr.json"):
+                limit = MAX_METADATA_BYTES
+            else:
+                match = _ARRAY_CHUNK.fullmatch(key)
+                if match is None or match["key"] not in layouts:
+                    raise CorruptCheckpointError(
+                        f"{self.storage.url}/{key}: {COMMIT_KEY} lists a file that is neither "
+                        "the record, a zarr.json nor a chunk of a saved value"
+                    )
+                continue  # sizes checked by layout()
+            if entry.size > limit:
+                raise CorruptCheckpointError(
+                    f"{self.storage.url}/{key}: {COMMIT_KEY} lists {entry.size} bytes, over the "
+                    f"limit of {limit} for this file"
+                )
+        return layouts
+
+    def still_committed(self) -> bool:
+        """Whether ``_COMMIT`` is still the one this checkpoint was opened with."""
+        if self.top is None:
+            return True
+        try:
+            return self.top.read(COMMIT_KEY, MAX_MANIFEST_BYTES) == self.marker
+        except (OSError, ZarrckptError):
+            return False
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Turn a read that failed because the checkpoint went away into CheckpointNotFoundError.
+
+        A reader racing a manager's retention (or a delete and a new save of the
+        same path) finds files missing or from another checkpoint: that is not
+        damage, and is reported as "deleted while reading".
+        """
+        try:
+            yield
+        except CorruptCheckpointError as exc:
+            if self.still_committed():
+                raise
+            raise CheckpointNotFoundError(
+                f"{self.url} was deleted or replaced while it was being read ({exc})"
+            ) from exc
+
+
+def read_marker(storage: Storage) -> bytes:
+    """The bytes of ``_COMMIT`` under ``storage``; at most the manifest limit is read.
+
+    FileNotFoundError if there is none; CorruptCheckpointError if it is not a
+    regular file or over the limit.
+    """
+    try:
+        return storage.read(COMMIT_KEY, MAX_MANIFEST_BYTES)
+    except (NotADirectoryError, IsADirectoryError):
+        raise FileNotFoundError(errno.ENOENT, "no commit marker", storage.url) from None
 
 
 def open_committed(
@@ -452,31 +671,35 @@ def open_committed(
 ) -> CommittedCheckpoint:
     """Open the committed checkpoint at ``path``, checking manifest and record."""
     fs, root = resolve_path(path, storage_options)
-    top: Storage = LocalStorage(root, fsync=False) if is_local(fs) else FsspecStorage(fs, root)
+    top = open_storage(fs, root)
     url = top.url
     try:
-        manifest_bytes = top.read(COMMIT_KEY)
-    except (FileNotFoundError, NotADirectoryError):
+        marker = read_marker(top)
+    except FileNotFoundError:
         if fs.isdir(root):
             raise CheckpointNotFoundError(
                 f"{url}: not a committed checkpoint (no {COMMIT_KEY} manifest); it may be "
                 "a save that did not finish"
             ) from None
         raise CheckpointNotFoundError(f"{url}: no checkpoint at this path") from None
-    manifest = Manifest.decode(manifest_bytes, where=f"{url}/{COMMIT_KEY}")
-    if manifest.attempt:
-        data: Storage = FsspecStorage(fs, f"{root.rstrip('/')}/{manifest.attempt}")
-        if is_local(fs):
-            data = LocalStorage(os.path.join(root, manifest.attempt), fsync=False)
-    else:
-        data = top
-    try:
-        record = data.read(RECORD_KEY)
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{data.url}: {RECORD_KEY} is missing") from None
+    manifest = Manifest.decode(marker, where=f"{url}/{COMMIT_KEY}")
+    data = open_storage(fs, f"{root.rstrip('/')}/{manifest.attempt}") if manifest.attempt else top
+    checkpoint = CommittedCheckpoint(
+        url=url, storage=data, manifest=manifest, graph=ObjectGraph(()), marker=marker, top=top
+    )
+    entry = checkpoint.files.get(RECORD_KEY)
+    if entry is None:
+        raise CorruptCheckpointError(f"{data.url}: {RECORD_KEY} is not listed in {COMMIT_KEY}")
+    if entry.size > MAX_RECORD_BYTES:
+        raise CorruptCheckpointError(
+            f"{data.url}/{RECORD_KEY}: {COMMIT_KEY} lists {entry.size} bytes, over the limit "
+            f"of {MAX_RECORD_BYTES}"
+        )
+    with checkpoint.reading():
+        record = read_checked(data, RECORD_KEY, entry)
     if hashlib.sha256(record).hexdigest() != manifest.record_sha256:
         raise CorruptCheckpointError(
             f"{data.url}/{RECORD_KEY}: SHA-256 does not match the commit manifest"
         )
-    graph = ObjectGraph.decode(record, where=f"{data.url}/{RECORD_KEY}")
-    return CommittedCheckpoint(url=url, storage=data, manifest=manifest, graph=graph)
+    checkpoint.graph = ObjectGraph.decode(record, where=f"{data.url}/{RECORD_KEY}")
+    return checkpoint

@@ -9,7 +9,9 @@ the root.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -21,7 +23,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from zarrckpt.errors import CorruptCheckpointError, InvalidKeyError
 
-__all__ = ["FsspecStorage", "LocalStorage", "Storage", "check_relative_key", "resolve"]
+__all__ = [
+    "FsspecStorage",
+    "LocalStorage",
+    "Storage",
+    "check_relative_key",
+    "open_storage",
+    "resolve",
+]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -49,8 +58,12 @@ class Storage(ABC):
         """Create or replace file ``key`` with the concatenation of ``parts``."""
 
     @abstractmethod
-    def read(self, key: str) -> bytes:
-        """The whole content of ``key``; FileNotFoundError if absent."""
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        """The whole content of ``key``; FileNotFoundError if absent.
+
+        A file of more than ``limit`` bytes is refused before it is read
+        (:class:`CorruptCheckpointError`), so a hostile size never sizes a buffer.
+        """
 
     @abstractmethod
     def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
@@ -60,12 +73,21 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         """Whether file ``key`` exists."""
 
+    @abstractmethod
+    def sizes(self) -> dict[str, int]:
+        """Every file under the root with its size, from one listing."""
+
     def sync(self) -> None:  # noqa: B027 - nothing to do where writes are durable at once
         """Make every file written so far durable (directory entries included)."""
 
     def _size_error(self, key: str, found: int, expected: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
             f"{self.url}/{key}: file has {found} bytes, expected {expected}"
+        )
+
+    def _limit_error(self, key: str, found: int, limit: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.url}/{key}: file has {found} bytes or more, over the limit of {limit}"
         )
 
 
@@ -86,10 +108,69 @@ class LocalStorage(Storage):
         self.threads = threads
         self._made_dirs: set[str] = set()
         self._written: list[str] = []  # files not fsynced yet
+        self._safe_dirs: set[str] = {self.root}  # real directories, no symlinks, under root
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> str:
-        return os.path.join(self.root, check_relative_key(key))
+        path = os.path.join(self.root, check_relative_key(key))
+        encoded = os.fsencode(path)
+        longest = max(len(os.fsencode(part)) for part in key.split("/"))
+        if len(encoded) >= _PATH_MAX or longest > _NAME_MAX:
+            raise InvalidKeyError(
+                f"{self.root}: key {key[:80]!r}... makes a path of {len(encoded)} bytes with a "
+                f"name of {longest} bytes; this filesystem allows {_PATH_MAX - 1} and "
+                f"{_NAME_MAX} (save to a shorter directory, or use shorter names)"
+            )
+        return path
+
+    def _open_regular(self, key: str) -> tuple[int, int]:
+        """Open file ``key`` for reading: (descriptor, size); only a regular file inside root.
+
+        No symlink is followed (neither the file nor a directory on the way) and
+        nothing but a regular file is opened, so a checkpoint can never make a
+        reader read ``/dev/zero``, wait on a FIFO or read outside the root.
+        """
+        path = self._path(key)
+        self._check_directories(os.path.dirname(path), key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._not_regular(key, "a symbolic link") from None
+            if exc.errno in (errno.ENOTDIR, errno.ENOENT):
+                raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise self._not_regular(key, kind)
+        return fd, info.st_size
+
+    def _not_regular(self, key: str, kind: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.url}/{key}: is {kind}; a checkpoint holds only regular files and directories"
+        )
+
+    def _check_directories(self, directory: str, key: str) -> None:
+        """Every directory from the root down to ``directory`` is a real one (no symlink)."""
+        missing = []
+        while directory not in self._safe_dirs:
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+            if len(directory) < len(self.root):  # pragma: no cover - keys are relative
+                raise InvalidKeyError(f"{key!r} leaves {self.root}")
+        for path in reversed(missing):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", path) from None
+            if stat.S_ISLNK(mode):
+                raise self._not_regular(os.path.relpath(path, self.root), "a symbolic link")
+            if not stat.S_ISDIR(mode):
+                raise FileNotFoundError(errno.ENOTDIR, "not a directory", path)
+            with self._lock:
+                self._safe_dirs.add(path)
 
     def _ensure_dir(self, directory: str) -> None:
         with self._lock:
@@ -122,14 +203,26 @@ class LocalStorage(Storage):
             with self._lock:
                 self._written.append(path)
 
-    def read(self, key: str) -> bytes:
-        with open(self._path(key), "rb") as file:
-            return file.read()
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        fd, size = self._open_regular(key)
+        with open(fd, "rb", closefd=True) as file:
+            if limit is None:
+                return file.read()
+            if size > limit:
+                raise self._limit_error(key, size, limit)
+            # read(n) allocates n bytes first: ask for the size found (and one byte
+            # more, in case the file grows meanwhile), never for the limit.
+            data = file.read(size + 1)
+        if len(data) > limit:
+            raise self._limit_error(key, len(data), limit)
+        return data
 
     def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
         expected = sum(len(b) for b in buffers)
-        fd = os.open(self._path(key), os.O_RDONLY)
+        fd, size = self._open_regular(key)
         try:
+            if size != expected:
+                raise self._size_error(key, size, expected)
             pending = [b.cast("B") if b.format != "B" else b for b in buffers if len(b)]
             total = 0
             while pending:
@@ -150,6 +243,19 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
+    def sizes(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    info = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found[os.path.relpath(path, self.root).replace(os.sep, "/")] = info.st_size
+        return found
+
     def sync(self) -> None:
         if not self.fsync:
             return
@@ -161,6 +267,17 @@ class LocalStorage(Storage):
                 list(pool.map(fsync_file, files))  # raises the first failure
         for directory in directories:
             fsync_directory(directory)
+
+
+def _path_limits() -> tuple[int, int]:
+    """PATH_MAX and NAME_MAX of this platform (Linux: 4096 and 255)."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX"), os.pathconf("/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - not POSIX
+        return 4096, 255
+
+
+_PATH_MAX, _NAME_MAX = _path_limits()
 
 
 def fsync_file(path: str) -> None:
@@ -195,12 +312,20 @@ class FsspecStorage(Storage):
     def write(self, key: str, parts: Sequence[Buffer]) -> None:
         self.fs.pipe_file(self._path(key), b"".join(parts))
 
-    def read(self, key: str) -> bytes:
+    def read(self, key: str, limit: int | None = None) -> bytes:
         path = self._path(key)
         # s3fs answers FileNotFoundError from a cached listing without asking the
         # store; files other processes wrote since must be seen.
         self.fs.invalidate_cache(path)
-        data: bytes = self.fs.cat_file(path)
+        try:
+            if limit is None:
+                data: bytes = self.fs.cat_file(path)
+            else:  # one ranged GET: never more than the limit (and one byte) in memory
+                data = self.fs.cat_file(path, start=0, end=limit + 1)
+        except (IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(errno.ENOENT, "not a file", path) from None
+        if limit is not None and len(data) > limit:
+            raise self._limit_error(key, len(data), limit)
         return data
 
     def read_into(self, key: str, buffers: Sequence[memoryview]) -> None:
@@ -216,6 +341,24 @@ class FsspecStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.isfile(self._path(key)))
+
+    def sizes(self) -> dict[str, int]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            listing = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        start = len(self.fs._strip_protocol(self.root).rstrip("/")) + 1
+        return {
+            str(name)[start:]: int(info.get("size") or 0)
+            for name, info in listing.items()
+            if info.get("type") != "directory"
+        }
+
+
+def open_storage(fs: fsspec.AbstractFileSystem, root: str) -> Storage:
+    """A read-only view of the files under ``root`` (local or any fsspec filesystem)."""
+    return LocalStorage(root, fsync=False) if is_local(fs) else FsspecStorage(fs, root)
 
 
 def resolve(

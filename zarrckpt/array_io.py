@@ -26,7 +26,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,14 +55,22 @@ __all__ = [
     "ByteBudget",
     "ChunkFile",
     "IOStats",
+    "chunk_check_tasks",
+    "chunk_size_limits",
     "group_metadata",
+    "parse_layout",
     "read_arrays",
+    "read_checked",
     "read_layout",
     "write_arrays",
 ]
 
 _CRC_BYTES = 4
-_MAX_METADATA_BYTES = 1 << 20
+MAX_METADATA_BYTES = 1 << 20
+# The most a compressed chunk may shrink: zstd stores a 128 KiB block of one
+# repeated byte in 4 bytes (32768:1), so anything claiming more is damage.
+_MAX_COMPRESSION_RATIO = 1 << 16
+_MAX_NDIM = 64
 _CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
 
 
@@ -196,6 +204,29 @@ def file_checksum(key: str, data: bytes | memoryview) -> int | None:
     view = memoryview(data)
     stored = int.from_bytes(view[-_CRC_BYTES:], "little")
     return stored if crc32c.crc32c(view[:-_CRC_BYTES]) == stored else None
+
+
+def read_checked(storage: Storage, key: str, entry: ChunkFile) -> bytes:
+    """Read file ``key`` (at most the manifest's size) and check it against its ``entry``.
+
+    Raises MissingChunkError, ChecksumError or CorruptCheckpointError naming the file.
+    """
+    where = f"{storage.url}/{key}"
+    try:
+        data = storage.read(key, entry.size)
+    except FileNotFoundError:
+        kind = "chunk" if is_chunk_file(key) else "file"
+        raise MissingChunkError(f"{where}: {kind} listed in _COMMIT is missing") from None
+    if len(data) != entry.size:
+        raise CorruptCheckpointError(f"{where}: {len(data)} bytes, manifest says {entry.size}")
+    checksum = file_checksum(key, data)
+    if checksum is None:
+        array_key, _, coords = key.rpartition("/c")
+        index = tuple(int(c) for c in coords.strip("/").split("/") if c.isdigit())
+        raise ChecksumError(f"{where}: chunk {index} of {array_key!r} is corrupt")
+    if checksum != entry.crc32c:
+        raise ChecksumError(f"{where}: CRC32C does not match the commit manifest")
+    return data
 
 
 # Budget and task runner --------------------------------------------------------
@@ -393,34 +424,61 @@ def write_arrays(
 # Reading ------------------------------------------------------------------------
 
 
-def read_layout(
-    storage: Storage,
-    key: str,
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _integers(value: Any, field: str, least: int) -> tuple[int, ...]:
+    """A JSON list of ints of at least ``least`` (no strings, floats or bools)."""
+    if not isinstance(value, list) or len(value) > _MAX_NDIM:
+        raise ValueError(f"{field} must be a list of at most {_MAX_NDIM} ints, found {value!r}")
+    for item in value:
+        if type(item) is not int or not least <= item < 1 << 63:
+            raise ValueError(f"{field} must hold ints >= {least}, found {item!r}")
+    return tuple(value)
+
+
+def _codec_entry(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError(f"codec {value!r} is not a map with a name")
+    configuration = value.get("configuration", {})
+    if not isinstance(configuration, dict):
+        raise ValueError(f"codec configuration {configuration!r} is not a map")
+    return value
+
+
+def parse_layout(
+    raw: bytes,
+    where: str,
     shape: tuple[int, ...] | None = None,
     dtype: np.dtype[Any] | None = None,
 ) -> ArrayLayout:
     """Parse and check an array's ``zarr.json``; only layouts zarrckpt writes are accepted.
 
+    Every field is type-checked (ints are JSON ints, not strings or floats).
     ``shape`` and ``dtype``, when given (the record's), must match the metadata,
     so a damaged ``zarr.json`` can never size a buffer.
     """
-    where = f"{storage.url}/{key}/zarr.json"
-    try:
-        raw = storage.read(f"{key}/zarr.json")
-    except FileNotFoundError:
-        raise MissingChunkError(f"{where}: array metadata is missing") from None
-    if len(raw) > _MAX_METADATA_BYTES:
+    if len(raw) > MAX_METADATA_BYTES:
         raise CorruptCheckpointError(f"{where}: metadata is {len(raw)} bytes, over the limit")
     try:
-        doc = json.loads(raw)
-        stored_shape = tuple(int(d) for d in doc["shape"])
-        chunk_shape = tuple(int(d) for d in doc["chunk_grid"]["configuration"]["chunk_shape"])
+        doc = json.loads(raw, parse_constant=_reject_constant)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        stored_shape = _integers(doc["shape"], "shape", 0)
+        grid = doc["chunk_grid"]
+        if not isinstance(grid, dict) or not isinstance(grid.get("configuration"), dict):
+            raise ValueError(f"chunk_grid {grid!r} is not a map with a configuration")
+        chunk_shape = _integers(grid["configuration"]["chunk_shape"], "chunk_shape", 1)
         codecs = doc["codecs"]
+        if not isinstance(codecs, list):
+            raise ValueError("codecs must be a list")
+        codecs = [_codec_entry(c) for c in codecs]
         names = [c["name"] for c in codecs]
         ok = (
             doc["zarr_format"] == 3
             and doc["node_type"] == "array"
-            and doc["chunk_grid"]["name"] == "regular"
+            and grid.get("name") == "regular"
             and doc["chunk_key_encoding"]
             == {"name": "default", "configuration": {"separator": "/"}}
             and len(names) in (2, 3)
@@ -430,8 +488,8 @@ def read_layout(
             and not doc.get("storage_transformers")
         )
         data_type = doc["data_type"]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"{where}: malformed array metadata ({exc!r})") from exc
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{where}: malformed array metadata ({exc!r})") from None
     if not ok or not isinstance(data_type, str):
         raise CorruptCheckpointError(
             f"{where}: array layout is not one zarrckpt format 1 writes "
@@ -446,14 +504,13 @@ def read_layout(
     layout = ArrayLayout(stored_shape, stored_dtype, chunk_shape, compression)
     if (
         len(chunk_shape) != len(stored_shape)
-        or any(s < 0 for s in stored_shape)
         # zarrckpt's chunks never exceed the array (an empty axis has chunks of 1)
         or any(not 1 <= c <= max(s, 1) for c, s in zip(chunk_shape, stored_shape, strict=True))
         or not layout.is_contiguous_runs()
     ):
         raise CorruptCheckpointError(
-            f"{where}: chunk shape {chunk_shape} of shape {stored_shape} is not split along "
-            "leading axes only, within the array"
+            f"{where}: chunk shape {list(chunk_shape)} of shape {list(stored_shape)} is not "
+            "split along leading axes only, within the array"
         )
     if shape is not None and stored_shape != tuple(shape):
         raise CorruptCheckpointError(
@@ -466,6 +523,38 @@ def read_layout(
     return layout
 
 
+def read_layout(
+    storage: Storage,
+    key: str,
+    shape: tuple[int, ...] | None = None,
+    dtype: np.dtype[Any] | None = None,
+) -> ArrayLayout:
+    """Read and parse array ``key``'s ``zarr.json`` (see :func:`parse_layout`).
+
+    For files outside a committed checkpoint; a checkpoint's reads go through
+    ``CommittedCheckpoint.layout``, which checks the file against the manifest.
+    """
+    where = f"{storage.url}/{key}/zarr.json"
+    try:
+        raw = storage.read(f"{key}/zarr.json", MAX_METADATA_BYTES)
+    except FileNotFoundError:
+        raise MissingChunkError(f"{where}: array metadata is missing") from None
+    return parse_layout(raw, where, shape, dtype)
+
+
+def chunk_size_limits(layout: ArrayLayout) -> tuple[int, int]:
+    """The smallest and largest size a chunk file of ``layout`` can have.
+
+    Raw chunks are exactly the padded chunk plus its CRC; compressed ones are
+    at least a frame header and at most the compressor's worst-case expansion.
+    """
+    raw = layout.chunk_nbytes + _CRC_BYTES
+    if layout.compression is None:
+        return raw, raw
+    smallest = max(_CRC_BYTES + 1, layout.chunk_nbytes // _MAX_COMPRESSION_RATIO)
+    return smallest, raw + layout.chunk_nbytes // 128 + (64 << 10)
+
+
 def _read_chunk(
     storage: Storage,
     key: str,
@@ -474,11 +563,20 @@ def _read_chunk(
     coords: tuple[int, ...],
     direct: bool,
     stats: IOStats,
+    files: Mapping[str, ChunkFile],
     region: tuple[slice, ...] | None = None,
 ) -> None:
-    """Read chunk ``coords`` into ``out[region]`` (default: the chunk's region of the array)."""
+    """Read chunk ``coords`` into ``out[region]`` (default: the chunk's region of the array).
+
+    The chunk must be the one the manifest lists (``files``: size and CRC32C),
+    end with its own matching CRC32C, decode within its declared size, and
+    (bool arrays) hold only 0 and 1.
+    """
     name = chunk_key(key, coords)
     where = f"{storage.url}/{name}: chunk {coords} of {key!r}"
+    expected = files.get(name)
+    if expected is None:
+        raise MissingChunkError(f"{where} is not listed in _COMMIT")
     region = layout.region(coords) if region is None else region
     valid = math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
     padded = valid != layout.chunk_nbytes
@@ -499,7 +597,7 @@ def _read_chunk(
             checksum = _chunk_crc(target, padding)
             size = layout.chunk_nbytes + _CRC_BYTES
         else:
-            whole = memoryview(storage.read(name))
+            whole = memoryview(storage.read(name, expected.size))
             if len(whole) < _CRC_BYTES:
                 raise CorruptCheckpointError(f"{where}: file has {len(whole)} bytes")
             encoded, trailer = whole[:-_CRC_BYTES], whole[-_CRC_BYTES:]
@@ -514,8 +612,16 @@ def _read_chunk(
         raise ChecksumError(
             f"{where} is corrupt (stored CRC32C {stored:#010x}, computed {checksum:#010x})"
         )
+    if checksum != expected.crc32c or size != expected.size:
+        raise ChecksumError(
+            f"{where} is not the chunk the commit manifest lists ({size} bytes, CRC32C "
+            f"{checksum:#010x}; _COMMIT says {expected.size} bytes, {expected.crc32c:#010x}): "
+            "a chunk from another place, checkpoint or time"
+        )
     if layout.compression is not None:
         layout.compression.decode_checked(encoded, target, where)
+    if layout.dtype == np.bool_ and np.frombuffer(target, np.uint8).max(initial=0) > 1:
+        raise CorruptCheckpointError(f"{where}: a bool chunk holds bytes other than 0 and 1")
     stats.add(size)
     if not in_place:
         count = valid // layout.dtype.itemsize
@@ -528,6 +634,7 @@ def read_selection(
     key: str,
     layout: ArrayLayout,
     selection: tuple[slice, ...],
+    files: Mapping[str, ChunkFile],
     options: CheckpointOptions | None = None,
     stats: IOStats | None = None,
 ) -> np.ndarray[Any, Any]:
@@ -575,11 +682,11 @@ def read_selection(
                 slice(g.start - r.start, g.stop - r.start)
                 for g, r in zip(region, ranges, strict=True)
             )
-            _read_chunk(storage, key, layout, result, coords, True, stats, shifted)
+            _read_chunk(storage, key, layout, result, coords, True, stats, files, shifted)
             return
         block = np.empty(tuple(g.stop - g.start for g in region), layout.dtype)
         local = tuple(slice(0, g.stop - g.start) for g in region)
-        _read_chunk(storage, key, layout, block, coords, direct, stats, local)
+        _read_chunk(storage, key, layout, block, coords, direct, stats, files, local)
         source, target = [], []
         for r, g in zip(ranges, region, strict=True):
             start, stop = _first_at_or_after(r, g.start), _first_at_or_after(r, g.stop)
@@ -609,13 +716,41 @@ def _touches(r: range, chunk: int, size: int) -> bool:
     return index < len(r) and r[index] < (chunk + 1) * size
 
 
+def chunk_check_tasks(
+    storage: Storage,
+    key: str,
+    layout: ArrayLayout,
+    files: Mapping[str, ChunkFile],
+    stats: IOStats,
+) -> list[Task]:
+    """Tasks that read and check every chunk of array ``key`` as a restore would, keeping nothing.
+
+    Each chunk is read into a scratch buffer of its own size (held only while
+    its task runs): its size and CRC32C against the manifest and its own
+    trailer, its decoding when compressed, its values when bool.
+    """
+    direct = layout.dtype == _little_endian(layout.dtype)
+
+    def check(coords: tuple[int, ...]) -> None:
+        region = layout.region(coords)
+        block = np.empty(tuple(r.stop - r.start for r in region), layout.dtype)
+        local = tuple(slice(0, r.stop - r.start) for r in region)
+        _read_chunk(storage, key, layout, block, coords, direct, stats, files, local)
+
+    cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
+    return [(cost, partial(check, tuple(coords))) for coords in np.ndindex(*layout.grid)]
+
+
 def read_arrays(
     storage: Storage,
     targets: Iterable[tuple[str, ArrayLayout, np.ndarray[Any, Any]]],
+    files: Mapping[str, ChunkFile],
     options: CheckpointOptions | None = None,
     stats: IOStats | None = None,
 ) -> IOStats:
     """Read each stored array ``key`` (with ``layout``) into ``out``, verifying every chunk.
+
+    ``files`` is the commit manifest's entries by key: every chunk must match its own.
 
     ``out`` must have the layout's shape; when it is C-contiguous and its
     dtype is the stored little-endian dtype, chunks are read straight into
@@ -638,7 +773,10 @@ def read_arrays(
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
         for coords in np.ndindex(*layout.grid):
             tasks.append(
-                (cost, partial(_read_chunk, storage, key, layout, out, coords, direct, stats))
+                (
+                    cost,
+                    partial(_read_chunk, storage, key, layout, out, coords, direct, stats, files),
+                )
             )
     run_tasks(tasks, options, stats)
     return stats

@@ -223,7 +223,7 @@ def _warn_unrestored(progress: _RestoreProgress) -> None:
         )
 
 
-_Transfer = tuple[SavedAttribute, SaveableValue, np.ndarray[Any, Any]]
+_Transfer = tuple[SavedAttribute, SaveableValue, array_io.ArrayLayout, np.ndarray[Any, Any]]
 
 
 class RestoreSession:
@@ -309,9 +309,13 @@ class RestoreSession:
         for attribute in node.attributes:
             saveable = values.get(attribute.name)
             if saveable is not None:
+                # The stored layout is checked against record and manifest before
+                # the record's shape may size a buffer (a placeholder's, say).
+                with self.checkpoint.reading():
+                    layout = self.checkpoint.layout(attribute)
                 dtype = dtype_from_name(attribute.dtype)
                 destination = saveable.destination(attribute.shape, dtype, attribute.key)
-                transfers.append((attribute, saveable, destination))
+                transfers.append((attribute, saveable, layout, destination))
         for child in node.children:
             live = obj._dependency_for_restore(child.name)
             if live is None:
@@ -353,13 +357,15 @@ class RestoreSession:
         self._match(ref.slot_variable_node_id, slot, transfers, deferrals)
 
     def _transfer(self, transfers: list[_Transfer]) -> None:
-        storage = self.checkpoint.storage
+        checkpoint = self.checkpoint
         targets = [
-            (attribute.key, self.checkpoint.layout(attribute), destination)
-            for attribute, _, destination in transfers
+            (attribute.key, layout, destination) for attribute, _, layout, destination in transfers
         ]
-        array_io.read_arrays(storage, targets, self.options, self.io_stats)
-        for attribute, saveable, destination in transfers:
+        with checkpoint.reading():
+            array_io.read_arrays(
+                checkpoint.storage, targets, checkpoint.files, self.options, self.io_stats
+            )
+        for attribute, saveable, _, destination in transfers:
             saveable.commit(destination)
             self.progress.restored_keys.add(attribute.key)
 

@@ -135,18 +135,25 @@ def compression_from_metadata(codec: dict[str, Any], where: str) -> Compression:
     """The compressor a chunk codec entry of ``zarr.json`` describes (zstd / blosc lz4)."""
     name = codec.get("name")
     config = codec.get("configuration") or {}
-    if name == "zstd" and not config.get("checksum", False):
-        return Zstd(level=int(config.get("level", 3)))
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{where}: codec configuration {config!r} is not a map")
+
+    def level(field: str, default: int, lowest: int, highest: int) -> int:
+        value = config.get(field, default)
+        if type(value) is not int or not lowest <= value <= highest:
+            raise CorruptCheckpointError(
+                f"{where}: {name} {field} {value!r} is not an int from {lowest} to {highest}"
+            )
+        return value
+
+    if name == "zstd" and config.get("checksum", False) is False:
+        return Zstd(level=level("level", 3, -131072, 22))
     if (
         name == "blosc"
         and config.get("cname") == "lz4"
-        and config.get("shuffle")
-        in (
-            "bitshuffle",
-            "shuffle",
-        )
+        and config.get("shuffle") in ("bitshuffle", "shuffle")
     ):
         return BloscLZ4(
-            clevel=int(config.get("clevel", 5)), bitshuffle=config["shuffle"] == "bitshuffle"
+            clevel=level("clevel", 5, 0, 9), bitshuffle=config["shuffle"] == "bitshuffle"
         )
     raise CorruptCheckpointError(f"{where}: unsupported compressor {codec!r}")

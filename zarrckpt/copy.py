@@ -7,11 +7,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from zarrckpt._commit import Manifest, begin_commit, open_committed
+from zarrckpt._commit import Manifest, begin_commit, open_committed, writer_identity
 from zarrckpt._storage import Storage
-from zarrckpt.array_io import ChunkFile, IOStats, Task, run_tasks
+from zarrckpt.array_io import ChunkFile, IOStats, Task, read_checked, run_tasks
 from zarrckpt.options import CheckpointOptions
-from zarrckpt.verify import read_checked
 
 __all__ = ["copy_checkpoint"]
 
@@ -19,16 +18,14 @@ __all__ = ["copy_checkpoint"]
 def _copy_file(
     source: Storage,
     target: Storage,
-    source_prefix: str,
     entry: ChunkFile,
     progress: Callable[[int], None] | None,
 ) -> ChunkFile:
-    key = entry.key[len(source_prefix) :]
-    data = read_checked(source, key, entry)
-    target.write(key, [data])
+    data = read_checked(source, entry.key, entry)
+    target.write(entry.key, [data])
     if progress is not None:
         progress(len(data))
-    return ChunkFile(key, entry.size, entry.crc32c)
+    return entry
 
 
 def copy_checkpoint(
@@ -53,20 +50,20 @@ def copy_checkpoint(
     options = options or CheckpointOptions()
     checkpoint = open_committed(source, source_storage_options)
     manifest = checkpoint.manifest
-    source_prefix = f"{manifest.attempt}/" if manifest.attempt else ""
+    with checkpoint.reading():
+        checkpoint.check_manifest()  # every file bounded before any is read
     commit = begin_commit(
         destination, destination_storage_options, fsync=options.fsync, threads=options.threads
     )
     target = commit.create()
     try:
         tasks: list[Task] = [
-            (
-                entry.size,
-                partial(_copy_file, checkpoint.storage, target, source_prefix, entry, progress),
-            )
-            for entry in manifest.files
+            (entry.size, partial(_copy_file, checkpoint.storage, target, entry, progress))
+            for entry in checkpoint.files.values()
         ]
-        copied: list[ChunkFile] = run_tasks(tasks, options, IOStats())
+        with checkpoint.reading():
+            copied: list[ChunkFile] = run_tasks(tasks, options, IOStats())
+        commit.check_written(copied)
         prefix = f"{commit.attempt}/" if commit.attempt else ""
         commit.publish(
             Manifest(
@@ -75,6 +72,7 @@ def copy_checkpoint(
                 attempt=commit.attempt,
                 created=manifest.created,
                 metadata=manifest.metadata,
+                writer=writer_identity(),
             )
         )
     except BaseException:

@@ -19,7 +19,9 @@ __all__ = [
     "CorruptCheckpointError",
     "DependencyNameError",
     "DTypeMismatchError",
+    "ConcurrentWriterError",
     "FormatVersionError",
+    "IncompleteSaveError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "MatchError",
@@ -46,6 +48,18 @@ class CheckpointNotFoundError(ZarrckptError, FileNotFoundError):
 
 class CheckpointExistsError(ZarrckptError, FileExistsError):
     """A checkpoint already exists where a new one was to be written."""
+
+
+class ConcurrentWriterError(CheckpointExistsError):
+    """Another process saves checkpoints of the same name in the same directory.
+
+    One checkpoint name in one directory has one writer; the message names the
+    other writer (host, process) and the directory.
+    """
+
+
+class IncompleteSaveError(ZarrckptError, OSError):
+    """Files a save wrote vanished or changed before it committed; nothing was committed."""
 
 
 class VariableNotFoundError(ZarrckptError, KeyError):

@@ -117,7 +117,10 @@ def _load(
     options: CheckpointOptions | None,
 ) -> np.ndarray[Any, Any]:
     reads, after = _normalize(index, layout.shape)
-    values = read_selection(checkpoint.storage, attribute.key, layout, reads, options)
+    with checkpoint.reading():
+        values = read_selection(
+            checkpoint.storage, attribute.key, layout, reads, checkpoint.files, options
+        )
     result: np.ndarray[Any, Any] = values[(*after, Ellipsis)]  # an array, 0-d ones too
     return result
 
@@ -141,7 +144,8 @@ def load_variable(
     """
     checkpoint = open_committed(path, storage_options)
     attribute = _find(checkpoint, key)
-    layout = checkpoint.layout(attribute)
+    with checkpoint.reading():
+        layout = checkpoint.layout(attribute)
     return _load(checkpoint, attribute, layout, index, options)
 
 
@@ -163,7 +167,8 @@ class LazyVariable:
     ) -> None:
         self._checkpoint = checkpoint
         self._attribute = attribute
-        self._layout = checkpoint.layout(attribute)
+        with checkpoint.reading():
+            self._layout = checkpoint.layout(attribute)
         self._options = options
 
     @property

@@ -35,6 +35,7 @@ from zarrckpt.errors import FormatVersionError, RecordError, ZarrckptError
 
 __all__ = [
     "FORMAT_NAME",
+    "MAX_RECORD_BYTES",
     "FORMAT_VERSION",
     "ChildReference",
     "ObjectGraph",
@@ -48,7 +49,7 @@ FORMAT_VERSION = 1
 
 # Limits applied while unpacking, so a hostile record cannot make msgpack
 # allocate what it claims before validation runs.
-_MAX_RECORD_BYTES = 1 << 30
+MAX_RECORD_BYTES = 256 << 20
 _MAX_ITEMS = 1 << 24
 _MAX_STR = 1 << 16
 _MAX_NDIM = 64
@@ -180,7 +181,7 @@ class ObjectGraph:
     @classmethod
     def decode(cls, data: bytes, *, where: str = "record") -> ObjectGraph:
         """Parse and validate record bytes; raise :class:`RecordError` on anything wrong."""
-        if len(data) > _MAX_RECORD_BYTES:
+        if len(data) > MAX_RECORD_BYTES:
             raise RecordError(f"{where}: record is {len(data)} bytes, over the limit")
         try:
             document = msgpack.unpackb(

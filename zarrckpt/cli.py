@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,12 +27,14 @@ import numpy as np
 import zarrckpt as zc
 from zarrckpt._commit import open_committed
 from zarrckpt._storage import resolve as resolve_path
+from zarrckpt.directory import format_time
 from zarrckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     FormatVersionError,
     ZarrckptError,
 )
+from zarrckpt.record import printable
 
 __all__ = ["main"]
 
@@ -109,10 +110,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'number':>8}  {'created':19}  {'size':>12}  state          path")
     for info in infos:
-        when = datetime.fromtimestamp(info.created).isoformat(sep=" ", timespec="seconds")
         number = "-" if info.number is None else str(info.number)
-        state = "committed" if info.committed else "NOT COMMITTED"
-        print(f"{number:>8}  {when}  {_mib(info.nbytes):>12}  {state:13}  {info.path}")
+        when = format_time(info.created)
+        print(f"{number:>8}  {when}  {_mib(info.nbytes):>12}  {info.state:13}  {info.path}")
+    for info in infos:
+        if info.damage:
+            print(f"damaged: {info.path}: {printable(info.damage)}", file=sys.stderr)
     return 0
 
 
@@ -126,7 +129,7 @@ def _codecs(layout: Any) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     checkpoint = open_committed(args.checkpoint, args.storage_options)
     manifest = checkpoint.manifest
-    when = datetime.fromtimestamp(manifest.created).isoformat(sep=" ", timespec="seconds")
+    when = format_time(manifest.created)
     print(f"checkpoint: {checkpoint.url}")
     print(f"zarr group: {checkpoint.storage.url}   (zarr.open_group(...) reads it)")
     print(f"committed:  {when}, {len(manifest.files)} files, {_mib(manifest.nbytes)}")
@@ -504,13 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(args)
     except CheckpointNotFoundError as exc:
-        print(f"zarrckpt: error: {exc}", file=sys.stderr)
+        print(f"zarrckpt: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_NOT_FOUND
     except (CorruptCheckpointError, FormatVersionError) as exc:
-        print(f"zarrckpt: error: {exc}", file=sys.stderr)
+        print(f"zarrckpt: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_CORRUPT
     except (ZarrckptError, OSError) as exc:
-        print(f"zarrckpt: error: {exc}", file=sys.stderr)
+        print(f"zarrckpt: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     return code
 

@@ -17,19 +17,37 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import fsspec
 
-from zarrckpt._commit import COMMIT_KEY, DELETING_MARKER, TEMP_MARKER, Manifest, MetadataValue
-from zarrckpt._storage import fsync_directory, is_local
+from zarrckpt._commit import (
+    COMMIT_KEY,
+    DELETING_MARKER,
+    TEMP_MARKER,
+    Manifest,
+    MetadataValue,
+    read_marker,
+)
+from zarrckpt._storage import fsync_directory, is_local, open_storage
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.errors import ZarrckptError
 
-__all__ = ["CheckpointInfo", "delete_checkpoint", "gc", "latest_checkpoint", "list_checkpoints"]
+__all__ = [
+    "CheckpointInfo",
+    "delete_checkpoint",
+    "gc",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "remove_leftovers",
+]
 
 _NUMBERED = re.compile(r"(?P<name>.+)-(?P<number>\d+)")
-_STATE_TEMP = re.compile(r"zarrckpt_state\..+\.json\.[0-9a-f]{32}\.tmp")
+_STATE_TEMP = re.compile(r"zarrckpt_state\.(?P<name>.+)\.json\.[0-9a-f]{32}\.tmp")
+_HIDDEN = re.compile(
+    rf"\.(?P<checkpoint>.+?)(?:{re.escape(TEMP_MARKER)}|{re.escape(DELETING_MARKER)}).*"
+)
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 PathLike = str | os.PathLike[str]
 
@@ -44,8 +62,12 @@ class CheckpointInfo:
     """One checkpoint directory: where, its number, when, how large, and whether committed.
 
     ``created`` is the commit time for committed checkpoints and the last
-    modification time otherwise; ``nbytes`` is 0 when not committed;
-    ``metadata`` is what the writer stored in the manifest (a manager's metrics).
+    modification time otherwise (information only: checkpoints are ordered by
+    number); ``nbytes`` is 0 when not committed; ``metadata`` is what the
+    writer stored in the manifest (a manager's metrics). ``damage`` says why a
+    ``_COMMIT`` that exists could not be read ("" when there is none or it
+    decodes): such a checkpoint is not committed, and is never removed by
+    zarrckpt (``zarrckpt verify`` tells more).
     """
 
     path: str
@@ -55,11 +77,24 @@ class CheckpointInfo:
     nbytes: int
     committed: bool
     metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
+    damage: str = ""
+
+    @property
+    def state(self) -> str:
+        """ "committed", "DAMAGED" or "NOT COMMITTED"."""
+        return "committed" if self.committed else "DAMAGED" if self.damage else "NOT COMMITTED"
 
     def __str__(self) -> str:
-        when = datetime.fromtimestamp(self.created).isoformat(sep=" ", timespec="seconds")
-        state = "committed" if self.committed else "NOT COMMITTED"
-        return f"{self.path}  {when}  {self.nbytes / (1 << 20):,.1f} MiB  {state}"
+        size = f"{self.nbytes / (1 << 20):,.1f} MiB"
+        return f"{self.path}  {format_time(self.created)}  {size}  {self.state}"
+
+
+def format_time(seconds: float) -> str:
+    """A local date and time, or a placeholder for a time no calendar takes."""
+    try:
+        return datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return "?" * 19
 
 
 def _join(fs: fsspec.AbstractFileSystem, root: str, name: str) -> str:
@@ -86,44 +121,57 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, bool]]
 
 
 def _read_marker(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
-    """The bytes of ``path``'s ``_COMMIT``, or None if it has none."""
-    marker = _join(fs, path, COMMIT_KEY)
-    fs.invalidate_cache(marker)  # see FsspecStorage.read
+    """The bytes of ``path``'s ``_COMMIT``, or None if it has none.
+
+    Only a regular file within the size limit is read (CorruptCheckpointError else).
+    """
     try:
-        data: bytes = fs.cat_file(marker)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return read_marker(open_storage(fs, path))
+    except FileNotFoundError:
         return None
-    return data
+
+
+def _inspect(fs: fsspec.AbstractFileSystem, path: str) -> tuple[Manifest | None, str]:
+    """``path``'s commit manifest (None if it has none or it does not decode) and why not."""
+    try:
+        data = _read_marker(fs, path)
+        if data is None:
+            return None, ""
+        return Manifest.decode(data, where=_display(fs, _join(fs, path, COMMIT_KEY))), ""
+    except ZarrckptError as exc:
+        return None, str(exc)
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Manifest | None:
     """``path``'s commit manifest, or None if it has none or it does not decode."""
-    data = _read_marker(fs, path)
-    if data is None:
-        return None
-    try:
-        return Manifest.decode(data, where=_display(fs, _join(fs, path, COMMIT_KEY)))
-    except ZarrckptError:
-        return None
+    return _inspect(fs, path)[0]
 
 
-def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
-    """The newest modification time of anything at or under ``path`` (0 if unknown)."""
+def _usage(fs: fsspec.AbstractFileSystem, path: str) -> tuple[float, int]:
+    """The newest modification time (0 if unknown) and the total bytes at or under ``path``."""
+    newest, total = 0.0, 0
     if is_local(fs):
-        newest = os.stat(path).st_mtime
+        newest = os.lstat(path).st_mtime
         for directory, _, files in os.walk(path):
             for name in files:
                 with contextlib.suppress(FileNotFoundError):
-                    newest = max(newest, os.stat(os.path.join(directory, name)).st_mtime)
-        return newest
-    newest = 0.0
-    for info in fs.find(path, detail=True).values():
+                    info = os.lstat(os.path.join(directory, name))
+                    newest, total = max(newest, info.st_mtime), total + info.st_size
+        return newest, total
+    found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    for info in found.values():
         stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
         if isinstance(stamp, datetime):
             newest = max(newest, stamp.timestamp())
         elif isinstance(stamp, int | float):
             newest = max(newest, float(stamp))
-    return newest
+        total += int(info.get("size") or 0)
+    return newest, total
+
+
+def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    """The newest modification time of anything at or under ``path`` (0 if unknown)."""
+    return _usage(fs, path)[0]
 
 
 def list_checkpoints(
@@ -151,8 +199,8 @@ def list_checkpoints(
         if checkpoint_name is not None and (not numbered or numbered["name"] != checkpoint_name):
             continue
         path = _join(fs, root, name)
-        manifest = _read_manifest(fs, path)
-        if manifest is None and not numbered:
+        manifest, damage = _inspect(fs, path)
+        if manifest is None and not numbered and not damage:
             continue
         found.append(
             CheckpointInfo(
@@ -163,11 +211,12 @@ def list_checkpoints(
                 nbytes=manifest.nbytes if manifest else 0,
                 committed=manifest is not None,
                 metadata=manifest.metadata if manifest else {},
+                damage=damage,
             )
         )
-    # By number: times of committed and uncommitted entries come from different
-    # clocks (manifests versus the store's modification times, whole seconds on S3).
-    found.sort(key=lambda c: (c.number if c.number is not None else -1, c.created, c.name))
+    # By number, never by time: clocks of other hosts differ, and a time read
+    # from storage is only information.
+    found.sort(key=lambda c: (c.number if c.number is not None else -1, c.name))
     return found
 
 
@@ -177,7 +226,10 @@ def latest_checkpoint(
     *,
     checkpoint_name: str | None = None,
 ) -> str | None:
-    """The most recently committed checkpoint in ``directory``, or None.
+    """The committed checkpoint with the highest number in ``directory``, or None.
+
+    Checkpoints are ordered by their number (``<name>-<number>``), never by a
+    clock; unnumbered ones come first.
 
     Example:
         >>> ckpt.restore(zarrckpt.latest_checkpoint("s3://bucket/run"))  # doctest: +SKIP
@@ -187,7 +239,7 @@ def latest_checkpoint(
         for c in list_checkpoints(directory, storage_options, checkpoint_name=checkpoint_name)
         if c.committed
     ]
-    return max(committed, key=lambda c: (c.created, c.number or 0)).path if committed else None
+    return committed[-1].path if committed else None
 
 
 def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> None:
@@ -222,6 +274,8 @@ def gc(
     directory: PathLike,
     older_than: float = 3600.0,
     storage_options: dict[str, Any] | None = None,
+    *,
+    checkpoint_name: str | None = None,
 ) -> list[str]:
     """Remove leftovers of interrupted saves and deletes older than ``older_than`` seconds.
 
@@ -237,64 +291,83 @@ def gc(
 
     A checkpoint whose ``_COMMIT`` exists is never removed, even one this
     version cannot decode (a newer format, or damage: :func:`verify` says
-    which), and nothing else in ``directory`` is touched. Returns what was
-    removed.
+    which), and nothing else in ``directory`` is touched. With
+    ``checkpoint_name``, only leftovers of ``<checkpoint_name>-<n>``
+    checkpoints (and of that name's state file) go. Returns what was removed.
 
     Example:
         >>> gc("s3://bucket/run", older_than=24 * 3600)  # doctest: +SKIP
         ['s3://bucket/run/ckpt-7/attempt-3f2a...']
     """
+    return [
+        path
+        for path, _ in remove_leftovers(directory, older_than, storage_options, checkpoint_name)
+    ]
+
+
+def remove_leftovers(
+    directory: PathLike,
+    older_than: float,
+    storage_options: dict[str, Any] | None = None,
+    checkpoint_name: str | None = None,
+) -> list[tuple[str, int]]:
+    """:func:`gc`, returning each removed leftover with its size in bytes."""
     fs, root = resolve_path(directory, storage_options)
     cutoff = time.time() - older_than
-    removed: list[str] = []
+    removed: list[tuple[str, int]] = []
     local = is_local(fs)
 
-    def stale(path: str) -> bool:
-        return _mtime(fs, path) <= cutoff
+    def ours(name: str) -> bool:  # any checkpoint directory, or one of the name asked for
+        if checkpoint_name is None:
+            return True
+        numbered = _NUMBERED.fullmatch(name)
+        return numbered is not None and numbered["name"] == checkpoint_name
+
+    def remove_if_stale(path: str, remove: Any) -> None:
+        newest, nbytes = _usage(fs, path)
+        if newest <= cutoff:
+            with contextlib.suppress(FileNotFoundError):
+                remove(path)
+            removed.append((_display(fs, path), nbytes))
 
     for name, is_directory in _entries(fs, root):
         path = _join(fs, root, name)
         if not is_directory:
-            if _STATE_TEMP.fullmatch(name) and stale(path):
-                fs.rm_file(path)  # a state file replacement that was cut short
-                removed.append(_display(fs, path))
+            temp = _STATE_TEMP.fullmatch(name)
+            if temp and checkpoint_name in (None, temp["name"]):
+                remove_if_stale(path, fs.rm_file)  # a state file replacement cut short
             continue
         if local:
-            hidden = name.startswith(".") and (TEMP_MARKER in name or DELETING_MARKER in name)
-            if hidden and stale(path):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+            hidden = _HIDDEN.fullmatch(name)
+            if hidden and ours(hidden["checkpoint"]):
+                remove_if_stale(path, partial(shutil.rmtree, ignore_errors=True))
+            continue
+        if not ours(name):
             continue
         children = _entries(fs, path)
         attempts = [child for child, is_dir in children if is_dir and _ATTEMPT.fullmatch(child)]
         if not attempts:
-            if not children and _NUMBERED.fullmatch(name) and stale(path):
+            if not children and _NUMBERED.fullmatch(name) and _mtime(fs, path) <= cutoff:
                 _remove_empty_directory(fs, path)  # what an aborted attempt leaves
             continue
-        marker = _read_marker(fs, path)
-        if marker is None:
-            live = None
-        else:
-            try:
-                live = Manifest.decode(marker, where=_display(fs, path)).attempt
-            except ZarrckptError:
-                continue  # committed in a format this version does not know: not ours to judge
+        try:
+            marker = _read_marker(fs, path)
+            live = None if marker is None else Manifest.decode(marker, where=path).attempt
+        except ZarrckptError:
+            continue  # damaged, or a format this version does not know: not ours to judge
         for attempt in attempts:
             if attempt == live:
                 continue
             leftover = _join(fs, path, attempt)
-            if not stale(leftover):
-                continue
             # A writer may have published this attempt since the marker was read.
             again = _read_manifest(fs, path) if marker is None else None
             if again is not None and again.attempt == attempt:
                 continue
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(leftover, recursive=True)
-            removed.append(_display(fs, leftover))
+            remove_if_stale(leftover, partial(fs.rm, recursive=True))
         if marker is None and not _entries(fs, path):
             _remove_empty_directory(fs, path)
-    removed.extend(_abort_stale_uploads(fs, root, cutoff))
+    prefix = "" if checkpoint_name is None else f"{checkpoint_name}-"
+    removed.extend((upload, 0) for upload in _abort_stale_uploads(fs, root, cutoff, prefix))
     return removed
 
 
@@ -304,8 +377,10 @@ def _remove_empty_directory(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.rmdir(path)
 
 
-def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float) -> list[str]:
-    """Abort S3 multipart uploads under ``root`` started before ``cutoff``."""
+def _abort_stale_uploads(
+    fs: fsspec.AbstractFileSystem, root: str, cutoff: float, name_prefix: str = ""
+) -> list[str]:
+    """Abort S3 multipart uploads under ``root/<name_prefix>`` started before ``cutoff``."""
     if not hasattr(fs, "list_multipart_uploads"):
         return []
     bucket, _, prefix = root.partition("/")
@@ -317,9 +392,9 @@ def _abort_stale_uploads(fs: fsspec.AbstractFileSystem, root: str, cutoff: float
     for upload in uploads:
         key = upload.get("Key", "")
         started = upload.get("Initiated")
-        if not key.startswith(f"{prefix.rstrip('/')}/" if prefix else "") or not isinstance(
-            started, datetime
-        ):
+        if not key.startswith(
+            (f"{prefix.rstrip('/')}/" if prefix else "") + name_prefix
+        ) or not isinstance(started, datetime):
             continue
         if started.timestamp() <= cutoff:
             fs.call_s3(

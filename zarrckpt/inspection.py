@@ -17,7 +17,7 @@ from zarrckpt._keys import ATTRIBUTES
 from zarrckpt.array_io import ArrayLayout, read_selection
 from zarrckpt.errors import InvalidArgumentError, VariableNotFoundError
 from zarrckpt.options import CheckpointOptions
-from zarrckpt.record import ObjectGraph, SavedAttribute
+from zarrckpt.record import ObjectGraph, SavedAttribute, printable
 from zarrckpt.variable import VARIABLE_VALUE
 
 __all__ = [
@@ -239,7 +239,7 @@ def open_variable(
 
 
 def _dot_label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    return printable(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def dot_graph_from_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import posixpath
@@ -18,25 +19,37 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zarrckpt._commit import check_metadata
-from zarrckpt._storage import fsync_directory, is_local
+from zarrckpt._commit import Manifest, check_metadata, read_marker, writer_identity
+from zarrckpt._storage import fsync_directory, is_local, open_storage
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.checkpoint import Checkpoint
-from zarrckpt.directory import delete_checkpoint, list_checkpoints, state_file_name
-from zarrckpt.errors import InvalidArgumentError
+from zarrckpt.directory import (
+    delete_checkpoint,
+    list_checkpoints,
+    remove_leftovers,
+    state_file_name,
+)
+from zarrckpt.errors import (
+    CheckpointExistsError,
+    ConcurrentWriterError,
+    InvalidArgumentError,
+    ZarrckptError,
+)
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.variable import Variable
 
 __all__ = ["CheckpointManager"]
 
 _STATE_FORMAT = 1
+_MAX_STATE_BYTES = 64 << 20
+logger = logging.getLogger("zarrckpt")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
 
 @dataclass
 class _Entry:
     path: str
-    number: int | None
+    number: int
     created: float
     metrics: dict[str, float] = field(default_factory=dict)
     # Found when the state file was missing or damaged: it may have been preserved.
@@ -54,6 +67,10 @@ def _numeric(metadata: Mapping[str, Any]) -> dict[str, float]:
         for key, value in metadata.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_number(name: str, value: object, *, integer: bool, least: int) -> None:
@@ -80,7 +97,17 @@ class CheckpointManager:
     :meth:`save`); the state file only adds which were preserved. If it is
     lost, checkpoints that may have been preserved are kept, never deleted.
     Each ``checkpoint_name`` has its own state file, so managers of several
-    names can share a directory.
+    names can share a directory; one name in one directory has one writer (a
+    second one is detected at its first conflicting save:
+    :class:`~zarrckpt.errors.ConcurrentWriterError`).
+
+    Checkpoints are ordered by number, never by clock: the latest is the
+    committed one with the highest number. A numbered checkpoint whose
+    ``_COMMIT`` cannot be read is skipped with a warning, its number is never
+    reused, and it is never deleted automatically. On start, leftovers of this
+    name's interrupted saves and deletes older than ``gc_older_than`` seconds
+    are removed (None: never), and what was removed is logged on the
+    ``zarrckpt`` logger.
 
     Beyond TensorFlow: with ``best_fn`` (a function of the ``metrics`` dict
     given to :meth:`save`, or the name of one metric) and ``best_mode``
@@ -111,6 +138,7 @@ class CheckpointManager:
         best_mode: Literal["max", "min"] = "max",
         storage_options: dict[str, Any] | None = None,
         options: CheckpointOptions | None = None,
+        gc_older_than: float | None = 3600.0,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise InvalidArgumentError(
@@ -121,6 +149,7 @@ class CheckpointManager:
             "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, integer=False, least=0
         )
         _check_number("checkpoint_interval", checkpoint_interval, integer=True, least=0)
+        _check_number("gc_older_than", gc_older_than, integer=False, least=0)
         if checkpoint_interval is not None and step_counter is None:
             raise InvalidArgumentError("checkpoint_interval needs a step_counter to measure it")
         if step_counter is not None and (
@@ -158,20 +187,46 @@ class CheckpointManager:
         self._last_saved_step: int | None = None
         self._deleting: threading.Thread | None = None
         self._delete_failures: list[tuple[_Entry, Exception]] = []
+        self._highest_taken = 0  # the highest checkpoint number seen in the directory
+        if gc_older_than is not None:
+            self._remove_leftovers(gc_older_than)
         self._entries, self._preserved, self._last_preserved = self._recover()
 
     # State ----------------------------------------------------------------------
 
+    def _remove_leftovers(self, older_than: float) -> None:
+        """Remove this name's leftovers of killed saves and deletes; log what went."""
+        removed = remove_leftovers(
+            self._directory, older_than, self._storage_options, checkpoint_name=self._name
+        )
+        if removed:
+            nbytes = sum(size for _, size in removed)
+            logger.warning(
+                "%s: removed %d leftovers of interrupted saves and deletes older than %.0f s "
+                "(%.1f MiB): %s",
+                self._directory,
+                len(removed),
+                older_than,
+                nbytes / (1 << 20),
+                ", ".join(path for path, _ in removed[:10]),
+            )
+
     def _recover(self) -> tuple[list[_Entry], list[_Entry], float]:
         """Committed checkpoints (the truth), with metrics and preservation from the state."""
-        committed = [
-            c
-            for c in list_checkpoints(
-                self._directory, self._storage_options, checkpoint_name=self._name
+        found = list_checkpoints(self._directory, self._storage_options, checkpoint_name=self._name)
+        self._highest_taken = max((c.number or 0 for c in found), default=0)
+        damaged = [c for c in found if c.damage]
+        if damaged:
+            warnings.warn(
+                f"{self._directory}: {len(damaged)} checkpoints have a _COMMIT that cannot be "
+                f"read and are skipped: "
+                + "; ".join(f"{c.path}: {c.damage}" for c in damaged[:5])
+                + f". New checkpoints are numbered after {self._highest_taken}; damaged ones "
+                "are never deleted automatically (`zarrckpt verify` tells more).",
+                RuntimeWarning,
+                stacklevel=3,
             )
-            if c.committed
-        ]
-        committed.sort(key=lambda c: c.created)  # retention goes by commit order
+        committed = [c for c in found if c.committed]  # by number: retention goes by it
         state = self._read_state()
         preserved_names = set(state.get("preserved", []))
         state_lost = not state and bool(committed)
@@ -180,7 +235,7 @@ class CheckpointManager:
         for info in committed:
             entry = _Entry(
                 info.path,
-                info.number,
+                info.number or 0,
                 info.created,
                 _numeric(info.metadata),
                 maybe_preserved=state_lost,
@@ -195,17 +250,20 @@ class CheckpointManager:
                 stacklevel=3,
             )
         last = state.get("last_preserved_timestamp")
-        return entries, preserved, float(last) if isinstance(last, int | float) else time.time()
+        return entries, preserved, float(last) if last is not None else time.time()
 
     def _state_path(self) -> str:
         join = os.path.join if is_local(self._fs) else posixpath.join
         return join(self._root, state_file_name(self._name))
 
     def _read_state(self) -> dict[str, Any]:
+        """The state file's content, or {} when it is missing or damaged in any way."""
         try:
-            raw = self._fs.cat_file(self._state_path())
+            raw = open_storage(self._fs, self._root).read(
+                state_file_name(self._name), _MAX_STATE_BYTES
+            )
             state = json.loads(raw)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+        except (OSError, ValueError, RecursionError, ZarrckptError):
             return {}
         if (
             not isinstance(state, dict)
@@ -213,9 +271,14 @@ class CheckpointManager:
             or state.get("checkpoint_name") != self._name
         ):
             return {}
-        checkpoints = state.get("checkpoints")
-        if not isinstance(checkpoints, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("name"), str) for e in checkpoints
+        checkpoints, preserved = state.get("checkpoints"), state.get("preserved", [])
+        last = state.get("last_preserved_timestamp")
+        if (
+            not isinstance(checkpoints, list)
+            or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in checkpoints)
+            or not isinstance(preserved, list)
+            or not all(isinstance(name, str) for name in preserved)
+            or not (last is None or _is_finite_number(last))
         ):
             return {}
         return state
@@ -262,9 +325,9 @@ class CheckpointManager:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        """The most recent checkpoint saved by this manager or found at start."""
+        """The committed checkpoint with the highest number, saved or found at start."""
         every = self._entries + self._preserved
-        return max(every, key=lambda e: e.created).path if every else None
+        return max(every, key=lambda e: e.number).path if every else None
 
     @property
     def checkpoint_interval(self) -> int | None:
@@ -285,8 +348,10 @@ class CheckpointManager:
         counter.assign_add(1)
         if checkpoint_number is not None:
             return checkpoint_number, counter
-        highest = max((e.number for e in self._entries + self._preserved if e.number), default=0)
-        if int(counter.numpy()) <= highest:  # a restarted job that did not restore the counter
+        # A restarted job that did not restore the counter, or a newest checkpoint
+        # that cannot be read (restore took the one before): never reuse a number.
+        highest = max([self._highest_taken, *(e.number for e in self._entries + self._preserved)])
+        if int(counter.numpy()) <= highest:
             counter.assign(highest + 1)
         return int(counter.numpy()), counter
 
@@ -333,9 +398,16 @@ class CheckpointManager:
                 storage_options=self._storage_options,
                 metadata=metadata,
             )
+        except CheckpointExistsError as exc:
+            counter.assign_sub(1)
+            if checkpoint_number is None:  # a number this manager chose was taken meanwhile
+                self._highest_taken = max(self._highest_taken, number)
+                raise self._conflict(target) from exc
+            raise
         except BaseException:
             counter.assign_sub(1)
             raise
+        self._highest_taken = max(self._highest_taken, number)
         entry = _Entry(path, number, time.time(), _numeric(metadata))
         self._entries.append(entry)
         if self._step_counter is not None:
@@ -354,6 +426,27 @@ class CheckpointManager:
                 stacklevel=2,
             )
         return path
+
+    def _conflict(self, target: str) -> ConcurrentWriterError:
+        """The error for a checkpoint another writer committed under this manager's name."""
+        fs, root = resolve_path(target, self._storage_options)
+        try:
+            other = Manifest.decode(read_marker(open_storage(fs, root)), where=target).writer
+        except (OSError, ZarrckptError):
+            other = ""
+        host, _, rest = other.partition(":")
+        pid = rest.partition(":")[0]
+        if other == writer_identity():
+            who = f"another CheckpointManager in this process (pid {pid})"
+        elif other:
+            who = f"process {pid} on host {host}"
+        else:
+            who = "a writer that cannot be identified"
+        return ConcurrentWriterError(
+            f"{target} was written by {who} while this manager saves '{self._name}-<n>' "
+            f"checkpoints in {self._directory}: one checkpoint name in one directory has one "
+            "writer. Give each writer its own checkpoint_name or directory."
+        )
 
     def _sweep(self) -> list[_Entry]:
         """Remove from the managed list what retention says goes; return those entries."""
@@ -428,7 +521,7 @@ class CheckpointManager:
         for entry, _ in failures:
             if entry.name in still_there:
                 self._entries.append(entry)  # retried by the next sweep
-        self._entries.sort(key=lambda e: e.created)
+        self._entries.sort(key=lambda e: e.number)
         message = "; ".join(f"{e.path}: {exc}" for e, exc in failures)
         if raise_errors:
             raise failures[0][1]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from zarrckpt._dtypes import dtype_name
-from zarrckpt.errors import DTypeMismatchError, UnsupportedValueError
+from zarrckpt.errors import DependencyNameError, DTypeMismatchError, UnsupportedValueError
 from zarrckpt.trackable import (
     NoDependency,
     SaveableValue,
@@ -159,6 +159,7 @@ class NumpyState(Trackable):
             object.__setattr__(self, name, value)
             return
         if isinstance(value, np.ndarray | np.generic):
+            self._check_value_name(name, "assigned")
             dtype_name(value.dtype)
             holder = self._lookup_dependency(name)
             if isinstance(holder, _NumpyValue):
@@ -190,10 +191,26 @@ class NumpyState(Trackable):
         self._untrack(name)
         object.__delattr__(self, name)
 
+    def _check_value_name(self, name: str, action: str) -> None:
+        """Refuse a saved-value name that would shadow a method, a property or private state."""
+        if name.startswith("_") or hasattr(type(self), name):
+            what = (
+                "starts with '_'"
+                if name.startswith("_")
+                else (f"is an attribute of class {type(self).__name__} (a method or property)")
+            )
+            raise DependencyNameError(
+                f"NumpyState array {name!r} cannot be {action}: the name {what}. Saved arrays "
+                "use public names that the class does not define; wrap a private array in "
+                "zc.NoDependency(...) to keep it out of checkpoints."
+            )
+
     def _dependency_for_restore(self, name: str) -> Trackable | None:
-        # Saved attributes the live object lacks are created, as TensorFlow does.
+        # Saved attributes the live object lacks are created, as TensorFlow does,
+        # but never over a method, a property or private state.
         holder = self._lookup_dependency(name)
         if holder is None:
+            self._check_value_name(name, "restored from a checkpoint")
             holder = _NumpyValue(None, attach=partial(self._attach_restored, name))
         return holder
 

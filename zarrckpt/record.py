@@ -36,6 +36,7 @@ from zarrckpt.errors import FormatVersionError, RecordError, ZarrckptError
 __all__ = [
     "FORMAT_NAME",
     "MAX_RECORD_BYTES",
+    "printable",
     "FORMAT_VERSION",
     "ChildReference",
     "ObjectGraph",
@@ -53,6 +54,17 @@ MAX_RECORD_BYTES = 256 << 20
 _MAX_ITEMS = 1 << 24
 _MAX_STR = 1 << 16
 _MAX_NDIM = 64
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\u202e``).
+
+    Names in a record are any strings; printed raw they could move a
+    terminal's cursor, hide text or reorder it.
+    """
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
 
 
 @dataclass(frozen=True)
@@ -137,16 +149,16 @@ class ObjectGraph:
         paths = self.paths()
         for node_id, node in enumerate(self.nodes):
             where = paths.get(node_id, "<slot>") or "<root>"
-            lines.append(f"  [{node_id}] {where} ({node.type_name})")
+            lines.append(f"  [{node_id}] {printable(where)} ({printable(node.type_name)})")
             for attribute in node.attributes:
                 lines.append(
-                    f"      {attribute.name}: {attribute.dtype}{list(attribute.shape)} "
-                    f"-> {attribute.key}"
+                    f"      {printable(attribute.name)}: {attribute.dtype}"
+                    f"{list(attribute.shape)} -> {attribute.key}"
                 )
             for slot in node.slot_variables:
                 lines.append(
-                    f"      slot {slot.slot_name!r} of [{slot.original_variable_node_id}]"
-                    f" -> [{slot.slot_variable_node_id}]"
+                    f"      slot {printable(repr(slot.slot_name))} of "
+                    f"[{slot.original_variable_node_id}] -> [{slot.slot_variable_node_id}]"
                 )
         return "\n".join(lines)
 

@@ -46,6 +46,7 @@ from zarrckpt._storage import (
     FsspecStorage,
     LocalStorage,
     Storage,
+    check_path_length,
     check_relative_key,
     fsync_directory,
     is_local,
@@ -382,6 +383,7 @@ class LocalCommit(Commit):
         return self._storage
 
     def create(self) -> LocalStorage:
+        check_path_length(self.temp_path)
         if os.path.lexists(self.path):
             raise CheckpointExistsError(
                 f"{self.path} already exists; a checkpoint is never written over another"

@@ -27,6 +27,7 @@ __all__ = [
     "FsspecStorage",
     "LocalStorage",
     "Storage",
+    "check_path_length",
     "check_relative_key",
     "open_storage",
     "resolve",
@@ -112,16 +113,7 @@ class LocalStorage(Storage):
         self._lock = threading.Lock()
 
     def _path(self, key: str) -> str:
-        path = os.path.join(self.root, check_relative_key(key))
-        encoded = os.fsencode(path)
-        longest = max(len(os.fsencode(part)) for part in key.split("/"))
-        if len(encoded) >= _PATH_MAX or longest > _NAME_MAX:
-            raise InvalidKeyError(
-                f"{self.root}: key {key[:80]!r}... makes a path of {len(encoded)} bytes with a "
-                f"name of {longest} bytes; this filesystem allows {_PATH_MAX - 1} and "
-                f"{_NAME_MAX} (save to a shorter directory, or use shorter names)"
-            )
-        return path
+        return check_path_length(os.path.join(self.root, check_relative_key(key)))
 
     def _open_regular(self, key: str) -> tuple[int, int]:
         """Open file ``key`` for reading: (descriptor, size); only a regular file inside root.
@@ -278,6 +270,23 @@ def _path_limits() -> tuple[int, int]:
 
 
 _PATH_MAX, _NAME_MAX = _path_limits()
+
+
+def check_path_length(path: str) -> str:
+    """Return local ``path`` if the OS can open it, else raise :class:`InvalidKeyError`.
+
+    So a deep key below a long directory is a clear error before anything is
+    written, not an ``ENAMETOOLONG`` half-way through a save.
+    """
+    encoded = os.fsencode(path)
+    longest = max(len(part) for part in encoded.split(b"/"))
+    if len(encoded) >= _PATH_MAX or longest > _NAME_MAX:
+        raise InvalidKeyError(
+            f"path of {len(encoded)} bytes with a name of {longest} bytes: {path[:120]}... "
+            f"This system allows {_PATH_MAX - 1} and {_NAME_MAX}: save to a shorter "
+            "directory, or use shorter names"
+        )
+    return path
 
 
 def fsync_file(path: str) -> None:

@@ -317,8 +317,15 @@ class Commit(ABC):
         """
         storage = self.storage
         group = group_metadata(root_group_attributes())
-        storage.write(RECORD_KEY, [record])
-        storage.write("zarr.json", [group])
+        try:
+            storage.write(RECORD_KEY, [record])
+            storage.write("zarr.json", [group])
+        except FileNotFoundError as exc:  # the temporary directory itself is gone
+            raise IncompleteSaveError(
+                f"{self.url}: the directory this save writes into vanished before it could "
+                f"commit ({exc}). Was `zarrckpt gc` run with an age threshold shorter than "
+                "this save took? Nothing was committed."
+            ) from exc
         prefix = f"{self.attempt}/" if self.attempt else ""
         every_file = [
             *files,

@@ -171,7 +171,10 @@ def _usage(fs: fsspec.AbstractFileSystem, path: str) -> tuple[float, int]:
 
 def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
     """The newest modification time of anything at or under ``path`` (0 if unknown)."""
-    return _usage(fs, path)[0]
+    try:
+        return _usage(fs, path)[0]
+    except FileNotFoundError:  # removed meanwhile
+        return 0.0
 
 
 def list_checkpoints(
@@ -324,11 +327,16 @@ def remove_leftovers(
         return numbered is not None and numbered["name"] == checkpoint_name
 
     def remove_if_stale(path: str, remove: Any) -> None:
-        newest, nbytes = _usage(fs, path)
+        try:
+            newest, nbytes = _usage(fs, path)
+        except FileNotFoundError:
+            return  # removed by someone else meanwhile (another gc, a retention delete)
         if newest <= cutoff:
             with contextlib.suppress(FileNotFoundError):
                 remove(path)
-            removed.append((_display(fs, path), nbytes))
+            fs.invalidate_cache(path)
+            if not fs.exists(path):  # rmtree ignores errors: report only what went
+                removed.append((_display(fs, path), nbytes))
 
     for name, is_directory in _entries(fs, root):
         path = _join(fs, root, name)

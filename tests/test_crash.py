@@ -16,7 +16,14 @@ fraction in [0, 1.2] of the measured save time, and this process checks:
    CheckpointNotFoundError;
 3. the next save (a child run to completion, resuming from the latest) works;
 4. ``gc(older_than=0)`` removes every leftover and leaves every committed
-   checkpoint's files as they were.
+   checkpoint's files as they were;
+5. (before 3 and 4, while the killed save's leftovers are still there) a
+   restarted manager, a fresh CheckpointManager over a fresh model in this
+   process, resumes from the committed checkpoint with the highest number
+   (found from storage), holds exactly that step's model, and its next
+   ``save()`` commits a checkpoint numbered above every numbered directory
+   present before, which ``verify`` passes, leaving the killed save's
+   leftovers as they were (see RESTART_EVERY for which kills).
 
 Where each kill landed is read from what is on disk / in the bucket: no trace
 yet, data being written, every data file written at full size but not
@@ -63,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import msgpack
 import numpy as np
 import pytest
@@ -95,6 +103,12 @@ SIGNAL_DELAY = 0.5  # a signalled kill waits up to this fraction of the commit's
 BAND = 0.03  # half-width of the band, as a fraction of the save time
 CENTRE_STEP = 0.02  # how far the band's centre moves after a band kill missed
 RECENT = 5  # clean saves whose median is the measured save time
+# The restarted manager's check (5) follows every n-th kill of a backend, from the first:
+# a deterministic subset, to keep the suite's time budget. Each check costs ~0.1 s on local
+# disk and ~1 s on S3 (moto), plus one more checkpoint per round for the later checks to
+# restore, list and gc: every kill on local disk (30) and every 2nd on S3 (11 of 22) add
+# ~15 s to this file under CI=true (every kill on S3 would add ~20 s more).
+RESTART_EVERY = {"local": 1, "s3": 2}
 READY_TIMEOUT = 120.0
 RUN_TIMEOUT = 300.0
 STATE_FILE = "zarrckpt_state.ckpt.json"
@@ -129,16 +143,43 @@ def assert_restores_step(
     path: str, storage_options: dict[str, Any] | None, seed: int, size: int
 ) -> None:
     """Restore ``path`` into a fresh model: it must hold exactly the model of its step."""
-    step = child.step_of(path)
     model = child.CrashModel(seed, size)
     zc.Checkpoint(model=model).restore(path, storage_options=storage_options).assert_consumed()
+    assert_holds_step(model, seed, child.step_of(path), size, path)
+
+
+def assert_holds_step(model: Any, seed: int, step: int, size: int, where: str) -> None:
+    """``model`` (a CrashModel) holds exactly the model of ``step``, bit for bit."""
     for index, (variable, want) in enumerate(
         zip(model.variables(), expected_values(seed, step, size), strict=True)
     ):
         got = variable.numpy()
-        assert got.shape == want.shape and got.dtype == want.dtype, (path, index)
+        assert got.shape == want.shape and got.dtype == want.dtype, (where, index)
         differ = int(np.count_nonzero(got.view(np.uint32) != want.view(np.uint32)))
-        assert differ == 0, f"{path}: w{index} differs from step {step} in {differ} values"
+        assert differ == 0, f"{where}: w{index} differs from step {step} in {differ} values"
+
+
+class TrainedCheckpoint(zc.Checkpoint):
+    """A Checkpoint of a CrashModel that is trained to the step its manager numbers.
+
+    Each write first assigns the model of the step named by the path, as a job
+    trained up to that step would hold: every checkpoint in the directory then
+    holds the model its name says, whoever wrote it, and the checks after it
+    (and the children resuming from it) can tell.
+    """
+
+    def __init__(self, model: Any, seed: int, size: int) -> None:
+        super().__init__(model=model)
+        object.__setattr__(self, "_crash_model", (model, seed, size))
+
+    def write(self, path: Any, **kwargs: Any) -> str:
+        model, seed, size = self.__dict__["_crash_model"]
+        step = child.step_of(os.fspath(path))
+        for variable, value in zip(
+            model.variables(), expected_values(seed, step, size), strict=True
+        ):
+            variable.assign(value)
+        return super().write(path, **kwargs)
 
 
 def assert_not_restorable(path: str, storage_options: dict[str, Any] | None, size: int) -> None:
@@ -264,7 +305,7 @@ class S3Place:
                     leftovers.add(f"{self.root}/{top}/{key}")
             live = None
             if numbered and COMMIT in files:
-                live = msgpack.unpackb(self.fs.cat_file(f"{self.root}/{top}/{COMMIT}"))["attempt"]
+                live = commit_attempt(self.fs.cat_file(f"{self.root}/{top}/{COMMIT}"))
                 assert live in attempts, (top, live, sorted(attempts))
                 committed[int(numbered[1])] = {**attempts[live], COMMIT: files[COMMIT]}
             else:
@@ -293,6 +334,14 @@ class S3Place:
 
 
 Place = LocalPlace | S3Place
+
+
+def commit_attempt(marker: bytes) -> str:
+    """The attempt a ``_COMMIT`` names: msgpack, then the CRC32C of it (little-endian)."""
+    body, seal = marker[:-4], marker[-4:]
+    assert crc32c.crc32c(body) == int.from_bytes(seal, "little"), "_COMMIT's seal differs"
+    attempt: str = msgpack.unpackb(body)["attempt"]
+    return attempt
 
 
 # The child process ------------------------------------------------------------------
@@ -405,6 +454,8 @@ class Scenario:
     reference: dict[str, int] = field(default_factory=dict)  # every data file: its size
     committed: list[int] = field(default_factory=list)  # the steps committed now
     verified: dict[int, Files] = field(default_factory=dict)  # files when restored last
+    # (5): per restarted manager, whether the killed step's number was taken but not committed
+    restarts: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _, _, self.size, self.chunk, _ = BACKENDS[self.place.name]
@@ -535,6 +586,69 @@ class Scenario:
         assert manager.latest_checkpoint == latest
         assert manager.checkpoints == [place.path(step) for step in expected]
 
+    def check_restarted_manager(self, killed: int, before: Snapshot) -> str:
+        """(5): a restarted manager resumes from the newest checkpoint by number and saves.
+
+        ``before`` is the directory after the kill of the save of ``killed``,
+        its leftovers still there. Returns the path of the new checkpoint.
+        """
+        place, so = self.place, self.so
+        _, _, _, chunk, threads = BACKENDS[place.name]
+        infos = zc.list_checkpoints(place.url, so)
+        # The newest committed checkpoint by number, from storage: the numbered
+        # directories whose _COMMIT exists and decodes, as zarrckpt lists them and
+        # as the files say (S3Place decodes each _COMMIT; LocalPlace sees it exist).
+        newest = max(i.number for i in infos if i.committed and i.number is not None)
+        assert newest == max(before.committed), (newest, sorted(before.committed), infos)
+        # Committed or not: on S3 also the killed save's ckpt-<n>/ holding its dead attempt.
+        taken = [i.number for i in infos if i.number is not None]
+
+        model = child.CrashModel(self.seed, self.size)
+        manager = zc.CheckpointManager(
+            TrainedCheckpoint(model, self.seed, self.size),
+            place.url,
+            max_to_keep=child.MAX_TO_KEEP,
+            checkpoint_name=child.CHECKPOINT_NAME,
+            storage_options=so,
+            options=zc.CheckpointOptions(chunk_bytes=chunk, threads=threads),
+        )
+        restored = manager.restore_or_initialize()
+        assert restored == place.path(newest), (restored, newest, infos)
+        assert_holds_step(model, self.seed, newest, self.size, f"restored {restored}")
+
+        path = manager.save()
+        manager.wait()  # retention's deletes too
+        assert path is not None
+        number = child.step_of(path)
+        assert path == place.path(number), path
+        assert number > max(taken), (
+            f"killed step {killed}: the restarted manager saved {path}, but "
+            f"{sorted(taken)} were there before (committed: {sorted(before.committed)})"
+        )
+        assert manager.latest_checkpoint == path, (manager.latest_checkpoint, path)
+
+        after = place.snapshot()
+        # Committed, with every data file of the children's saves (same layout).
+        assert number in after.committed, (path, sorted(after.committed))
+        files = after.committed[number]
+        data = {key: size for key, (size, _) in files.items() if key not in COMMIT_FILES}
+        assert data == self.reference, (path, data, self.reference)
+        listed = {i.number: i for i in zc.list_checkpoints(place.url, so)}
+        assert listed[number].committed and listed[number].nbytes > self.size, listed[number]
+        report = zc.verify(path, so)
+        assert place.normalize(report.path) == place.normalize(path), report
+        # The model's Variables and the save counter, every file of the manifest.
+        assert report.arrays == len(child.SHARES) + 1, report
+        assert report.files == len(files) - 1, (report, files)
+        assert report.nbytes > self.size, report
+        # The killed save's leftovers are as it left them.
+        assert after.partial.get(killed) == before.partial.get(killed), killed
+        # Retention kept the newest MAX_TO_KEEP, by number.
+        self.committed = sorted([*self.committed, number])[-child.MAX_TO_KEEP :]
+        assert sorted(after.committed) == self.committed, (sorted(after.committed), self.committed)
+        self.restarts.append(killed in taken and killed not in before.committed)
+        return path
+
     def check_gc(self, before: Snapshot) -> None:
         """(4): gc removes every leftover and nothing committed."""
         place = self.place
@@ -567,7 +681,7 @@ class Scenario:
         assert len(self.reference) > self.size // self.chunk, self.reference
         self.check_checkpoints(first)
 
-        for _ in range(kills):
+        for index in range(kills):
             step = self.committed[-1] + 1
             kill, snapshot = self.kill_during_save(step)
             now = sorted(snapshot.committed)
@@ -581,6 +695,8 @@ class Scenario:
                 assert_not_restorable(place.path(step), self.so, self.size)
             self.committed = now
             self.check_checkpoints(snapshot)
+            if index % RESTART_EVERY[place.name] == 0:
+                self.check_restarted_manager(step, snapshot)
 
             step = self.committed[-1] + 1
             path = self.save_to_completion(step)
@@ -613,7 +729,8 @@ class Scenario:
             f"{sum(k.saved_before_kill for k in self.kills)}; clean saves "
             f"{seconds[0]:.3f}-{seconds[-1]:.3f} s (median {seconds[len(seconds) // 2]:.3f}); "
             f"window kills had written {dict(Counter(kill.detail for kill in window))}; "
-            f"fractions by category {spread}"
+            f"fractions by category {spread}; restarted managers {len(self.restarts)} "
+            f"({sum(self.restarts)} numbered past the killed save's uncommitted directory)"
         )
 
 

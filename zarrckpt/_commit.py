@@ -42,6 +42,7 @@ import msgpack
 import numpy as np
 
 from zarrckpt._dtypes import dtype_from_name
+from zarrckpt._msgpack import SchemaReader
 from zarrckpt._storage import (
     FsspecStorage,
     LocalStorage,
@@ -93,10 +94,14 @@ RECORD_KEY = "object_graph.msgpack"
 TEMP_MARKER = ".zarrckpt-tmp-"
 DELETING_MARKER = ".zarrckpt-deleting-"
 _MANIFEST_NAME = "zarrckpt.commit"
-MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 64 << 20
 _SEAL_BYTES = 4
 # Commit times beyond the year 9999 are damage (and no clock or calendar takes them).
 _LATEST_TIME = 253402300799.0
+_MAX_FILES = 1 << 20  # 32 TiB in chunks of 32 MiB
+_MANIFEST_FIELDS = frozenset(
+    {"format_name", "format", "attempt", "created", "record_sha256", "files", "metadata", "writer"}
+)
 _ARRAY_CHUNK = re.compile(r"(?P<key>.+)/c(?:/\d+)*")
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 _MAX_METADATA_ENTRIES = 256
@@ -195,67 +200,68 @@ class Manifest:
                 "truncated, or written by zarrckpt 0.1, whose manifests carry no checksum)"
             )
         try:
-            doc = msgpack.unpackb(
-                body,
-                raw=False,
-                max_bin_len=0,
-                max_ext_len=0,
-                max_map_len=_MAX_METADATA_ENTRIES,
-                max_str_len=1 << 16,
-                max_array_len=1 << 24,
-            )
-            if not isinstance(doc, dict) or doc.get("format_name") != _MANIFEST_NAME:
+            fields = _decode_manifest(SchemaReader(body), where)
+            version = fields["format"]
+            files = fields["files"]
+            if len({f.key for f in files}) != len(files):
+                raise ValueError("a file is listed twice")
+            attempt, created, digest = fields["attempt"], fields["created"], fields["record_sha256"]
+            if attempt and not _ATTEMPT.fullmatch(attempt):
+                raise ValueError(f"attempt {attempt!r} is not a valid attempt name")
+            if not 0 <= created <= _LATEST_TIME:  # NaN fails too
+                raise ValueError(f"created {created!r} is not a time between 1970 and 9999")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("record_sha256 must be 64 hex digits")
+            metadata = check_metadata(fields["metadata"], where=where)
+        except FormatVersionError:
+            raise
+        except (ZarrckptError, ValueError, KeyError) as exc:
+            raise CorruptCheckpointError(f"{where}: malformed commit manifest ({exc})") from exc
+        return cls(
+            digest, tuple(files), attempt, float(created), version, metadata, fields["writer"]
+        )
+
+
+def _decode_manifest(reader: SchemaReader, where: str) -> dict[str, Any]:
+    """The manifest's fields, each read with its type checked before it is built."""
+    fields: dict[str, Any] = {}
+    for _ in range(reader.map("manifest", 16)):
+        key = reader.string("manifest field name")
+        if key in fields:
+            raise ValueError(f"{key} appears twice")
+        if key == "format_name":
+            if reader.string(key) != _MANIFEST_NAME:
                 raise ValueError("not a zarrckpt commit manifest")
-            version = doc["format"]
-            if not isinstance(version, int) or isinstance(version, bool):
-                raise ValueError("format must be an int")
+            fields[key] = _MANIFEST_NAME
+        elif key == "format":
+            version = fields[key] = reader.integer(key)
             if version != FORMAT:
                 raise FormatVersionError(
                     f"{where}: checkpoint format {version}; this zarrckpt reads format {FORMAT}"
                 )
-            attempt, created, digest = doc["attempt"], doc["created"], doc["record_sha256"]
-            writer = doc["writer"]
-            if not isinstance(attempt, str) or (attempt and not _ATTEMPT.fullmatch(attempt)):
-                raise ValueError(f"attempt {attempt!r} is not a valid attempt name")
-            if (
-                not isinstance(created, float | int)
-                or isinstance(created, bool)
-                or not 0 <= created <= _LATEST_TIME  # NaN fails too
-            ):
-                raise ValueError(f"created {created!r} is not a time between 1970 and 9999")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError("record_sha256 must be 64 hex digits")
-            if not isinstance(writer, str) or len(writer) > 1024:
-                raise ValueError("writer must be a short string")
-            files = []
-            for item in doc["files"]:
-                if not isinstance(item, list) or len(item) != 3:
-                    raise ValueError(f"bad file entry {item!r}")
-                key, size, crc = item
-                if not (
-                    isinstance(key, str)
-                    and type(size) is int
-                    and type(crc) is int
-                    and 0 <= size < 1 << 63
-                    and 0 <= crc < 1 << 32
-                ):
-                    raise ValueError(f"bad file entry {item!r}")
-                files.append(ChunkFile(check_relative_key(key), size, crc))
-            if len({f.key for f in files}) != len(files):
-                raise ValueError("a file is listed twice")
-            metadata = check_metadata(doc["metadata"], where=where)
-        except FormatVersionError:
-            raise
-        except (
-            ZarrckptError,
-            ValueError,
-            KeyError,
-            TypeError,
-            RecursionError,
-            msgpack.UnpackException,
-        ) as exc:
-            raise CorruptCheckpointError(f"{where}: malformed commit manifest ({exc})") from exc
-        return cls(digest, tuple(files), attempt, float(created), version, metadata, writer)
+        elif key in ("attempt", "record_sha256", "writer"):
+            fields[key] = reader.string(key)
+        elif key == "created":
+            fields[key] = reader.number(key)
+        elif key == "files":
+            files = fields[key] = []
+            for i in range(reader.array(key, _MAX_FILES)):
+                reader.array(f"files[{i}]", 3, exactly=3)
+                name = check_relative_key(reader.string(f"files[{i}] path"))
+                size, crc = reader.integer(f"files[{i}] size"), reader.integer(f"files[{i}] crc")
+                if not (0 <= size < 1 << 63 and 0 <= crc < 1 << 32):
+                    raise ValueError(f"files[{i}]: size {size} or CRC32C {crc} out of range")
+                files.append(ChunkFile(name, size, crc))
+        elif key == "metadata":
+            count = reader.map(key, _MAX_METADATA_ENTRIES)
+            fields[key] = {reader.string("metadata key"): reader.scalar(key) for _ in range(count)}
+        else:
+            raise ValueError(f"unknown field {key!r}")
+    reader.finish("manifest")
+    missing = _MANIFEST_FIELDS - fields.keys()
+    if missing:
+        raise ValueError(f"fields {sorted(missing)} are missing")
+    return fields
 
 
 def writer_identity() -> str:
@@ -554,7 +560,7 @@ class CommittedCheckpoint:
                         f"{self.manifest.attempt!r}"
                     )
                 relative = entry.key[len(prefix) :]
-                files[relative] = ChunkFile(relative, entry.size, entry.crc32c)
+                files[relative] = ChunkFile(relative, entry.size, entry.crc32c) if prefix else entry
             self._files = files
         return self._files
 

@@ -175,7 +175,7 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
     return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkFile:
     """One file written: its key, its size and its CRC32C (see :func:`file_checksum`)."""
 

@@ -238,6 +238,7 @@ class RestoreSession:
         # id(obj) -> (node id, obj): every live object matched, several per node possible
         self._matched_objects: dict[int, tuple[int, weakref.ref[Trackable]]] = {}
         self._slots_of_variable: dict[int, list[tuple[int, SlotVariableReference]]] = {}
+        self._paths: dict[int, str] | None = None  # for messages, computed once
         for node_id, node in enumerate(self.graph.nodes):
             for ref in node.slot_variables:
                 self._slots_of_variable.setdefault(ref.original_variable_node_id, []).append(
@@ -372,7 +373,9 @@ class RestoreSession:
     # Reporting ------------------------------------------------------------
 
     def describe_node(self, node_id: int) -> str:
-        path = self.graph.paths().get(node_id)
+        if self._paths is None:
+            self._paths = self.graph.paths(limit=400)
+        path = self._paths.get(node_id)
         if path is None:
             return f"slot variable (node {node_id})"
         return path or "<root>"

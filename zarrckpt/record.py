@@ -31,6 +31,7 @@ import numpy as np
 
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._keys import validate_key
+from zarrckpt._msgpack import SchemaError, SchemaReader
 from zarrckpt.errors import FormatVersionError, RecordError, ZarrckptError
 
 __all__ = [
@@ -50,8 +51,8 @@ FORMAT_VERSION = 1
 
 # Limits applied while unpacking, so a hostile record cannot make msgpack
 # allocate what it claims before validation runs.
-MAX_RECORD_BYTES = 256 << 20
-_MAX_ITEMS = 1 << 24
+MAX_RECORD_BYTES = 64 << 20
+_MAX_ITEMS = 1 << 21  # nodes, children, attributes, slots and dims
 _MAX_STR = 1 << 16
 _MAX_NDIM = 64
 
@@ -128,16 +129,32 @@ class ObjectGraph:
             for attribute in node.attributes:
                 yield node_id, attribute
 
-    def paths(self) -> dict[int, str]:
-        """The shortest dependency path (names joined by ``/``) of each reachable node."""
-        found: dict[int, str] = {0: ""}
+    def paths(self, limit: int | None = None) -> dict[int, str]:
+        """The shortest dependency path (names joined by ``/``) of each reachable node.
+
+        With ``limit``, a path longer than ``limit`` characters keeps its last
+        names behind ``…/``: a hostile record of long chains and long names
+        then costs at most ``limit`` per node to show.
+        """
+        parents: dict[int, tuple[int, str]] = {0: (0, "")}  # node -> (parent, name)
         queue = [0]
         for node_id in queue:
             for child in self.nodes[node_id].children:
-                if child.node_id not in found:
-                    prefix = found[node_id]
-                    found[child.node_id] = f"{prefix}/{child.name}" if prefix else child.name
+                if child.node_id not in parents:
+                    parents[child.node_id] = (node_id, child.name)
                     queue.append(child.node_id)
+        found: dict[int, str] = {}
+        for node_id in parents:
+            names: list[str] = []
+            length, at = 0, node_id
+            while at != 0:
+                at, name = parents[at]
+                if limit is not None and length + len(name) > limit:
+                    names.append("…")
+                    break
+                names.append(name)
+                length += len(name) + 1
+            found[node_id] = "/".join(reversed(names))
         return found
 
     def __repr__(self) -> str:
@@ -146,7 +163,7 @@ class ObjectGraph:
             f"ObjectGraph(version={self.version}, {len(self.nodes)} nodes, "
             f"{sum(1 for _ in self.attributes())} values, {total} bytes)"
         ]
-        paths = self.paths()
+        paths = self.paths(limit=200)
         for node_id, node in enumerate(self.nodes):
             where = paths.get(node_id, "<slot>") or "<root>"
             lines.append(f"  [{node_id}] {printable(where)} ({printable(node.type_name)})")
@@ -196,34 +213,9 @@ class ObjectGraph:
         if len(data) > MAX_RECORD_BYTES:
             raise RecordError(f"{where}: record is {len(data)} bytes, over the limit")
         try:
-            document = msgpack.unpackb(
-                data,
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-                max_str_len=_MAX_STR,
-                max_bin_len=0,
-                max_array_len=_MAX_ITEMS,
-                max_map_len=16,
-                max_ext_len=0,
-            )
-        except (ValueError, msgpack.UnpackException, TypeError) as exc:
-            raise RecordError(f"{where}: not a valid msgpack record ({exc})") from exc
-        reader = _Reader(where)
-        # The version first: a newer version may well have other fields.
-        if isinstance(document, dict) and document.get("format") == FORMAT_NAME:
-            version = reader.integer(document.get("version"), "version")
-            if version != FORMAT_VERSION:
-                raise FormatVersionError(
-                    f"{where}: record format version {version}; this zarrckpt reads "
-                    f"version {FORMAT_VERSION}"
-                )
-        doc = reader.mapping(document, "record", {"format", "version", "nodes"})
-        if doc["format"] != FORMAT_NAME:
-            raise RecordError(f"{where}: format is {doc['format']!r}, expected {FORMAT_NAME!r}")
-        version = reader.integer(doc["version"], "version")
-        raw_nodes = reader.sequence(doc["nodes"], "nodes")
-        nodes = tuple(reader.node(raw, f"nodes[{i}]") for i, raw in enumerate(raw_nodes))
+            nodes, version = _RecordReader(data, where).document()
+        except SchemaError as exc:
+            raise RecordError(f"{where}: {exc}") from None
         graph = cls(nodes=nodes, version=version)
         try:
             graph.validate()
@@ -263,86 +255,113 @@ class ObjectGraph:
                         raise RecordError(f"node {node_id} slot {slot.slot_name!r} -> bad id {ref}")
 
 
-class _Reader:
-    """Type-checked access to decoded msgpack data, with the field path in errors."""
+class _RecordReader:
+    """Reads the record's document field by field (see :mod:`zarrckpt._msgpack`).
 
-    def __init__(self, where: str) -> None:
+    At most ``_MAX_ITEMS`` nodes, children, attributes, slots and dimensions
+    in all are built, whatever the document claims.
+    """
+
+    def __init__(self, data: bytes, where: str) -> None:
+        self.reader = SchemaReader(data, max_str_len=_MAX_STR)
         self.where = where
+        self.budget = _MAX_ITEMS
 
-    def fail(self, field: str, expected: str, value: Any) -> RecordError:
-        found = type(value).__name__
-        return RecordError(f"{self.where}: {field} must be {expected}, found {found}")
+    def items(self, field: str, *, exactly: int | None = None) -> int:
+        """Open an array whose items count against the record's item budget."""
+        count = self.reader.array(field, self.budget, exactly=exactly)
+        self.budget -= count
+        return count
 
-    def mapping(self, value: Any, field: str, keys: set[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(field, "a map", value)
-        if set(value) != keys:
-            raise RecordError(
-                f"{self.where}: {field} has fields {sorted(value)}, expected {sorted(keys)}"
+    def document(self) -> tuple[tuple[ObjectNode, ...], int]:
+        reader = self.reader
+        seen: dict[str, Any] = {}
+        nodes: tuple[ObjectNode, ...] = ()
+        for _ in range(reader.map("record", 16)):
+            key = reader.string("record field name")
+            if key in seen:
+                raise SchemaError(f"record field {key!r} appears twice")
+            if key == "format":
+                seen[key] = reader.string("format")
+                if seen[key] != FORMAT_NAME:
+                    raise SchemaError(f"format is {seen[key]!r}, expected {FORMAT_NAME!r}")
+            elif key == "version":
+                seen[key] = version = reader.integer("version")
+                if version < 0:
+                    raise SchemaError("version must be a non-negative int")
+                if version != FORMAT_VERSION:  # a newer version may well have other fields
+                    raise FormatVersionError(
+                        f"{self.where}: record format version {version}; this zarrckpt reads "
+                        f"version {FORMAT_VERSION}"
+                    )
+            elif key == "nodes":
+                seen[key] = True
+                nodes = tuple(self.node(f"nodes[{i}]") for i in range(self.items("nodes")))
+            else:
+                raise SchemaError(f"record has an unknown field {key!r}")
+        reader.finish("record")
+        if set(seen) != {"format", "version", "nodes"}:
+            raise SchemaError(
+                f"record has fields {sorted(seen)}, expected ['format', 'nodes', 'version']"
             )
-        return value
+        return nodes, FORMAT_VERSION
 
-    def sequence(self, value: Any, field: str, length: int | None = None) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(field, "a list", value)
-        if length is not None and len(value) != length:
-            raise RecordError(f"{self.where}: {field} has {len(value)} items, expected {length}")
-        return value
-
-    def integer(self, value: Any, field: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise self.fail(field, "a non-negative int", value)
-        return value
-
-    def text(self, value: Any, field: str) -> str:
-        if not isinstance(value, str):
-            raise self.fail(field, "a string", value)
-        return value
-
-    def node(self, raw: Any, field: str) -> ObjectNode:
-        doc = self.mapping(raw, field, {"type", "children", "attributes", "slot_variables"})
-        children = []
-        for i, item in enumerate(self.sequence(doc["children"], f"{field}.children")):
-            name, node_id = self.sequence(item, f"{field}.children[{i}]", 2)
-            children.append(
-                ChildReference(
-                    self.text(name, f"{field}.children[{i}].name"),
-                    self.integer(node_id, f"{field}.children[{i}].node_id"),
-                )
-            )
-        attributes = []
-        for i, item in enumerate(self.sequence(doc["attributes"], f"{field}.attributes")):
-            at = f"{field}.attributes[{i}]"
-            name, key, shape, dtype = self.sequence(item, at, 4)
-            dims = tuple(
-                self.integer(d, f"{at}.shape")
-                for d in self.sequence(shape, f"{at}.shape")[: _MAX_NDIM + 1]
-            )
-            attributes.append(
-                SavedAttribute(
-                    self.text(name, f"{at}.name"),
-                    self.text(key, f"{at}.key"),
-                    dims,
-                    self.text(dtype, f"{at}.dtype"),
-                )
-            )
-        slots = []
-        for i, item in enumerate(self.sequence(doc["slot_variables"], f"{field}.slot_variables")):
-            at = f"{field}.slot_variables[{i}]"
-            original, slot_name, slot_node = self.sequence(item, at, 3)
-            slots.append(
-                SlotVariableReference(
-                    self.integer(original, f"{at}.original"),
-                    self.text(slot_name, f"{at}.slot_name"),
-                    self.integer(slot_node, f"{at}.slot_variable"),
-                )
+    def node(self, field: str) -> ObjectNode:
+        reader = self.reader
+        parts: dict[str, Any] = {}
+        for _ in range(reader.map(field, 4)):
+            key = reader.string(f"{field} field name")
+            if key in parts:
+                raise SchemaError(f"{field}.{key} appears twice")
+            at = f"{field}.{key}"
+            if key == "type":
+                parts[key] = reader.string(at)
+            elif key == "children":
+                parts[key] = tuple(self.child(f"{at}[{i}]") for i in range(self.items(at)))
+            elif key == "attributes":
+                parts[key] = tuple(self.attribute(f"{at}[{i}]") for i in range(self.items(at)))
+            elif key == "slot_variables":
+                parts[key] = tuple(self.slot(f"{at}[{i}]") for i in range(self.items(at)))
+            else:
+                raise SchemaError(f"{field} has an unknown field {key!r}")
+        if len(parts) != 4:
+            raise SchemaError(
+                f"{field} has fields {sorted(parts)}, expected "
+                "['attributes', 'children', 'slot_variables', 'type']"
             )
         return ObjectNode(
-            type_name=self.text(doc["type"], f"{field}.type"),
-            children=tuple(children),
-            attributes=tuple(attributes),
-            slot_variables=tuple(slots),
+            type_name=parts["type"],
+            children=parts["children"],
+            attributes=parts["attributes"],
+            slot_variables=parts["slot_variables"],
         )
+
+    def index(self, field: str) -> int:
+        value = self.reader.integer(field)
+        if value < 0:
+            raise SchemaError(f"{field} must be a non-negative int")
+        return value
+
+    def child(self, field: str) -> ChildReference:
+        self.reader.array(field, 2, exactly=2)
+        return ChildReference(self.reader.string(f"{field}.name"), self.index(f"{field}.node_id"))
+
+    def attribute(self, field: str) -> SavedAttribute:
+        reader = self.reader
+        reader.array(field, 4, exactly=4)
+        name, key = reader.string(f"{field}.name"), reader.string(f"{field}.key")
+        count = self.items(f"{field}.shape")
+        if count > _MAX_NDIM:
+            raise SchemaError(f"{field}.shape has {count} dimensions, at most {_MAX_NDIM}")
+        shape = tuple(self.index(f"{field}.shape") for _ in range(count))
+        return SavedAttribute(name, key, shape, reader.string(f"{field}.dtype"))
+
+    def slot(self, field: str) -> SlotVariableReference:
+        reader = self.reader
+        reader.array(field, 3, exactly=3)
+        original = self.index(f"{field}.original")
+        name = reader.string(f"{field}.slot_name")
+        return SlotVariableReference(original, name, self.index(f"{field}.slot_variable"))
 
 
 def dtype_of(attribute: SavedAttribute) -> np.dtype[Any]:

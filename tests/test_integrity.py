@@ -58,7 +58,7 @@ def _saved(tmp_path: Path, name: str = "c", seed: int = 0, **options) -> Path:
 def _restore_fails(
     path: Path,
     error: type[Exception] = CorruptCheckpointError,
-    match: str = "",
+    match: str | None = None,
     *,
     before_reading: bool = True,
 ) -> None:

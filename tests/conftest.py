@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -55,6 +58,32 @@ def model_variables(model: Model) -> list[zc.Variable]:
 @pytest.fixture
 def model() -> Model:
     return Model(seed=0)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (a blocking open of a FIFO, say)."""
+
+    def expire(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def traced_peak(action) -> int:
+    """Peak bytes Python and numpy allocated while ``action()`` ran (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def manifest_entries(storage) -> dict:

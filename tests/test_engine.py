@@ -7,7 +7,6 @@ import json
 import os
 import threading
 import time
-import tracemalloc
 from pathlib import Path
 
 import crc32c
@@ -18,7 +17,7 @@ import tensorstore
 import zarr
 
 import zarrckpt as zc
-from tests.conftest import manifest_entries, reseal_manifest
+from tests.conftest import manifest_entries, reseal_manifest, traced_peak
 from zarrckpt import array_io
 from zarrckpt._storage import LocalStorage
 from zarrckpt.array_io import ByteBudget
@@ -102,15 +101,6 @@ def test_save_and_restore_stay_within_the_inflight_budget(tmp_path, budget):
     np.testing.assert_array_equal(fresh.b.numpy(), model.b.numpy())
 
 
-def _traced_peak(action) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_restore_into_non_contiguous_memory_is_bounded_by_the_budget(tmp_path):
     # A Fortran-ordered destination cannot take chunks in place: every chunk goes
     # through a temporary buffer, so the budget is what bounds the extra memory.
@@ -123,13 +113,13 @@ def test_restore_into_non_contiguous_memory_is_bounded_by_the_budget(tmp_path):
     state.table[...] = 0
     bounded = zc.CheckpointOptions(threads=8, inflight_bytes=2 * MiB)
 
-    peak = _traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=bounded))
+    peak = traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=bounded))
     np.testing.assert_array_equal(state.table, expected)
     assert peak < 4 * MiB, peak  # the model is 32 MiB; chunks are 1 MiB; budget 2 MiB
 
     unbounded = zc.CheckpointOptions(threads=8, inflight_bytes=1 << 40)
     state.table[...] = 0
-    loose_peak = _traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=unbounded))
+    loose_peak = traced_peak(lambda: zc.Checkpoint(state=state).read(path, options=unbounded))
     assert loose_peak > peak  # without the budget, 8 threads hold 8 chunks
 
 
@@ -317,7 +307,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         with pytest.raises(CorruptCheckpointError, match="declares 268435456 decoded bytes"):
             zc.Checkpoint(model=_compressible_model()).read(path)
 
-    assert _traced_peak(restore) < 16 * MiB
+    assert traced_peak(restore) < 16 * MiB
 
 
 def test_zstd_frame_without_declared_size_is_refused(tmp_path):

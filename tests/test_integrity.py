@@ -12,10 +12,7 @@ import itertools
 import json
 import math
 import os
-import signal
-import tracemalloc
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import crc32c
@@ -23,7 +20,7 @@ import numpy as np
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import reseal_manifest
+from tests.conftest import deadline, reseal_manifest, traced_peak
 from zarrckpt._commit import COMMIT_KEY, RECORD_KEY, Manifest
 from zarrckpt.cli import main
 from zarrckpt.errors import (
@@ -75,31 +72,6 @@ def _restore_fails(
     if before_reading:
         assert np.array_equal(fresh.w.numpy(), before[0])
         assert np.array_equal(fresh.b.numpy(), before[1])
-
-
-@contextmanager
-def _deadline(seconds: int):
-    """Fail instead of hanging (a FIFO read blocks forever)."""
-
-    def expire(*_):
-        raise TimeoutError(f"no answer in {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _traced_peak(action: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        action()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # Wrong values with no error ----------------------------------------------------------
@@ -282,7 +254,7 @@ def test_a_tiny_chunk_grid_is_refused_before_any_per_chunk_structure(tmp_path):
         with pytest.raises(CorruptCheckpointError, match=match):
             zc.load_variable(path, key)
 
-    assert _traced_peak(attempts) < 2 * MiB  # before: 1.6 GB and 10 s of chunk tasks
+    assert traced_peak(attempts) < 2 * MiB  # before: 1.6 GB and 10 s of chunk tasks
     assert not fresh.w.numpy().any()
 
 
@@ -300,7 +272,7 @@ def test_a_huge_sparse_commit_file_is_refused_before_it_is_read(tmp_path):
         with pytest.raises(CorruptCheckpointError, match="over the limit"):
             zc.Checkpoint(model=_model()).restore(path)
 
-    assert _traced_peak(attempts) < 8 * MiB  # before: the whole 1.5 GiB was read
+    assert traced_peak(attempts) < 8 * MiB  # before: the whole 1.5 GiB was read
 
 
 def test_a_chunk_that_is_a_symlink_is_never_followed(tmp_path):
@@ -332,7 +304,7 @@ def test_fifos_and_directories_in_place_of_files_never_hang_or_escape(tmp_path, 
             os.mkfifo(path / target)
         else:
             (path / target).mkdir()
-        with _deadline(20):
+        with deadline(20):
             _restore_fails(
                 path,
                 CorruptCheckpointError,
@@ -389,7 +361,7 @@ def test_a_huge_shape_in_the_record_never_sizes_a_buffer(tmp_path, kind):
         with pytest.raises(CorruptCheckpointError, match="the record says"):
             zc.Checkpoint(holder=fresh).restore(path)
 
-    assert _traced_peak(restore) < 2 * MiB  # before: a raw MemoryError
+    assert traced_peak(restore) < 2 * MiB  # before: a raw MemoryError
     assert "table" not in dir(fresh) or kind == "python"
 
 

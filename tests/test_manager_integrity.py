@@ -16,7 +16,6 @@ import os
 import posixpath
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +25,7 @@ import time
 import types
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ import zarrckpt as zc
 import zarrckpt._commit
 import zarrckpt.directory
 import zarrckpt.manager
-from tests.conftest import reseal_manifest
+from tests.conftest import deadline, reseal_manifest
 from zarrckpt import errors
 from zarrckpt._commit import COMMIT_KEY, Manifest
 from zarrckpt.cli import main
@@ -110,22 +108,6 @@ def _set_commit_time(path: str, storage_options: dict[str, Any] | None, created:
 
 def _restored_value(path: str, storage_options: dict[str, Any] | None) -> np.ndarray:
     return zc.load_variable(path, "model/w", storage_options=storage_options)
-
-
-@contextmanager
-def _deadline(seconds: int) -> Iterator[None]:
-    """Fail with TimeoutError instead of hanging (a blocking open of a FIFO, say)."""
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # 1. Ordered by number, never by the commit time --------------------------------------
@@ -687,7 +669,7 @@ def test_a_damaged_state_file_never_stops_a_manager(tmp_path, damage):
         state.write_bytes(STATE_DAMAGES[damage](json.loads(state.read_text())))
 
     fresh, fresh_model = _model(-1.0)
-    with _deadline(20), warnings.catch_warnings():
+    with deadline(20), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a state file that cannot be rewritten
         manager = zc.CheckpointManager(fresh, directory, max_to_keep=3)
         assert _names(manager.checkpoints) == ["ckpt-1", "ckpt-2"]

@@ -71,10 +71,6 @@ class Storage(ABC):
         """Fill ``buffers`` in order with the content of ``key``, which must fit exactly."""
 
     @abstractmethod
-    def exists(self, key: str) -> bool:
-        """Whether file ``key`` exists."""
-
-    @abstractmethod
     def sizes(self) -> dict[str, int]:
         """Every file under the root with its size, from one listing."""
 
@@ -232,9 +228,6 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def exists(self, key: str) -> bool:
-        return os.path.isfile(self._path(key))
-
     def sizes(self) -> dict[str, int]:
         found: dict[str, int] = {}
         for directory, _, names in os.walk(self.root):
@@ -347,9 +340,6 @@ class FsspecStorage(Storage):
             flat = buffer.cast("B") if buffer.format != "B" else buffer
             flat[:] = data[offset : offset + len(flat)]
             offset += len(flat)
-
-    def exists(self, key: str) -> bool:
-        return bool(self.fs.isfile(self._path(key)))
 
     def sizes(self) -> dict[str, int]:
         self.fs.invalidate_cache(self.root)

@@ -17,7 +17,7 @@ import numpy as np
 
 from zarrckpt._dtypes import dtype_name
 from zarrckpt._keys import attribute_key, escape_name, slot_variable_path
-from zarrckpt.errors import UnsupportedValueError, caller_location
+from zarrckpt.errors import UnsavedValueWarning, UnsupportedValueError, caller_location
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.record import (
     ChildReference,
@@ -149,27 +149,107 @@ def build_save_plan(root: Trackable) -> SavePlan:
         )
     graph = ObjectGraph(nodes=tuple(nodes))
     graph.validate()
-    _warn_untracked_in_collections(view)
+    _warn_unsaved(view)
     return SavePlan(graph=graph, arrays=arrays)
 
 
-def _warn_untracked_in_collections(view: GraphView) -> None:
-    """Warn about Trackables held only in tuples or sets: they are not saved.
+_SHOWN = 20  # attribute paths named in the warning
+_SCANNED = 64  # items looked at per plain container, and nesting levels at most
 
-    Only lists and dicts assigned to attributes are tracked (as TensorFlow
-    wraps them); a Trackable reachable another way is saved all the same.
+
+def _numeric_state(value: Any, *, numbers: bool, depth: int = 0) -> str | None:
+    """What numeric state ``value`` is (``"numpy array float32[3, 4]"``), or None.
+
+    Arrays and numpy scalars always count; Python ints and floats only where
+    ``numbers`` (an object's attribute, not a container's element, where they
+    are mostly configuration); tuples, lists, sets and dicts count when they
+    hold arrays.
     """
-    unsaved = []
+    if isinstance(value, np.ndarray):
+        return f"numpy array {value.dtype}{list(value.shape)}"
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        return f"numpy scalar {value.dtype}"
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return type(value).__name__
+    if depth < _SCANNED and isinstance(value, tuple | list | set | frozenset | dict):
+        items = list(value.values() if isinstance(value, dict) else value)[:_SCANNED]
+        if any(_numeric_state(i, numbers=False, depth=depth + 1) for i in items):
+            return f"{type(value).__name__} of numpy arrays"
+    return None
+
+
+def _unsaved_state(view: GraphView) -> tuple[list[str], list[str]]:
+    """Attributes and elements of the graph's objects that a save leaves out.
+
+    Returns (numeric state, Trackables held only in tuples or sets), each as
+    ``"<path>.<attribute> (<what>)"`` / ``"<path>.<attribute>"``.
+    """
+    from zarrckpt.containers import Dict, List
+    from zarrckpt.python_state import NumpyState
+    from zarrckpt.trackable import AutoTrackable
+
+    numeric: list[str] = []
+    hidden: list[str] = []
     for node_id, obj in enumerate(view.objects):
-        for name, value in getattr(obj, "__dict__", {}).items():
+        path = view.paths[node_id] or "<root>"
+        if isinstance(obj, List | Dict):
+            storage: Any = obj._storage
+            if isinstance(obj, List):
+                items = [
+                    (f"[{i}]", v) for i, v in enumerate(storage) if id(v) not in obj._untracked
+                ]
+            else:
+                items = [(f"[{k!r}]", v) for k, v in storage.items() if k not in obj._silenced]
+            for label, value in items:
+                if not isinstance(value, Trackable):
+                    what = _numeric_state(value, numbers=False)
+                    if what is not None:
+                        numeric.append(f"{path}{label} ({what})")
+            continue
+        attributes = getattr(obj, "__dict__", {})
+        scan = isinstance(obj, AutoTrackable | NumpyState)
+        silenced = obj._zc_tracking.silenced
+        for name, value in attributes.items():
             if isinstance(value, tuple | set | frozenset) and any(
                 isinstance(item, Trackable) and view.node_of(item) is None for item in value
             ):
-                unsaved.append(f"{view.paths[node_id] or '<root>'}.{name}")
-    if unsaved:
-        warnings.warn_explicit(
-            f"Trackables held only in tuples or sets are not saved: {', '.join(unsaved)}. "
-            "Assign a list (tracked) instead.",
-            UserWarning,
-            *caller_location(),
+                hidden.append(f"{path}.{name}")
+            if not scan or name.startswith("_") or name in silenced:
+                continue
+            if not isinstance(value, Trackable):
+                what = _numeric_state(value, numbers=True)
+                if what is not None:
+                    numeric.append(f"{path}.{name} ({what})")
+    return numeric, hidden
+
+
+def _shown(items: list[str]) -> str:
+    more = len(items) - _SHOWN
+    return ", ".join(items[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def _warn_unsaved(view: GraphView) -> None:
+    """One warning per save, at the caller, naming every value the save leaves out.
+
+    TensorFlow's rule stands (only trackables are dependencies), but numpy
+    arrays, numbers and tuples of arrays held in plain attributes look like
+    state to a numpy user, so a save that leaves them out says so. Attributes
+    named with a leading ``_`` are private and not reported (NumpyState does
+    not save them either), nor is anything assigned through NoDependency.
+    """
+    numeric, hidden = _unsaved_state(view)
+    parts = []
+    if numeric:
+        parts.append(
+            f"values in plain attributes are not saved: {_shown(numeric)}. Hold arrays in "
+            "zc.Variable(...) (or as attributes of a zc.NumpyState), numbers as numpy "
+            "scalars of a NumpyState, or assign zc.NoDependency(value) to keep it out "
+            "of checkpoints without this warning."
         )
+    if hidden:
+        parts.append(
+            f"Trackables held only in tuples or sets are not saved: {_shown(hidden)}. "
+            "Assign a list (tracked) instead."
+        )
+    if parts:
+        warnings.warn_explicit(" ".join(parts), UnsavedValueWarning, *caller_location())

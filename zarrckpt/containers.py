@@ -102,8 +102,9 @@ class List(Trackable, MutableSequence[Any]):
         return any(self._is_dependency(v) for v in (*self._storage, *extra))
 
     def _store(self, value: Any) -> Any:
-        value, tracked = _unwrap(value)
-        if not tracked and isinstance(value, Trackable):
+        silenced = isinstance(value, NoDependency)
+        value, _ = _unwrap(value)
+        if silenced:  # a Trackable stays untracked; an array is not reported as unsaved
             self._untracked.add(id(value))
         return value
 
@@ -229,6 +230,7 @@ class Dict(Trackable, MutableMapping[Any, Any]):
 
     def __init__(self, *args: Mapping[Any, Any] | Iterable[tuple[Any, Any]], **kwargs: Any) -> None:
         self._storage: dict[Any, Any] = {}
+        self._silenced: set[Any] = set()  # keys set through NoDependency
         self._zc_source: _Source | None = None  # see wrap_container
         self.update(*args, **kwargs)
 
@@ -237,6 +239,10 @@ class Dict(Trackable, MutableMapping[Any, Any]):
             self._zc_source.check(path)
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, NoDependency):
+            self._silenced.add(key)
+        else:
+            self._silenced.discard(key)
         value, tracked = _unwrap(value)
         if tracked:
             if not isinstance(key, str):
@@ -251,6 +257,7 @@ class Dict(Trackable, MutableMapping[Any, Any]):
 
     def __delitem__(self, key: Any) -> None:
         del self._storage[key]
+        self._silenced.discard(key)
         if isinstance(key, str):
             self._untrack(key)
 

@@ -36,8 +36,14 @@ from zarrckpt.errors import ZarrckptError
 
 __all__ = [
     "CheckpointInfo",
+    "GcReport",
+    "Leftover",
     "delete_checkpoint",
+    "format_duration",
+    "format_size",
+    "format_time",
     "gc",
+    "gc_report",
     "latest_checkpoint",
     "list_checkpoints",
     "remove_leftovers",
@@ -78,15 +84,20 @@ class CheckpointInfo:
     committed: bool
     metadata: Mapping[str, MetadataValue] = field(default_factory=dict)
     damage: str = ""
+    stored_nbytes: int = 0
 
     @property
     def state(self) -> str:
         """ "committed", "DAMAGED" or "NOT COMMITTED"."""
         return "committed" if self.committed else "DAMAGED" if self.damage else "NOT COMMITTED"
 
+    @property
+    def size(self) -> int:
+        """Bytes of the checkpoint: the manifest's total, or what is stored when not committed."""
+        return self.nbytes if self.committed else self.stored_nbytes
+
     def __str__(self) -> str:
-        size = f"{self.nbytes / (1 << 20):,.1f} MiB"
-        return f"{self.path}  {format_time(self.created)}  {size}  {self.state}"
+        return f"{self.path}  {format_time(self.created)}  {format_size(self.size)}  {self.state}"
 
 
 def format_time(seconds: float) -> str:
@@ -95,6 +106,34 @@ def format_time(seconds: float) -> str:
         return datetime.fromtimestamp(seconds).isoformat(sep=" ", timespec="seconds")
     except (OverflowError, OSError, ValueError):
         return "?" * 19
+
+
+def format_size(nbytes: float) -> str:
+    """A byte count in the unit its magnitude calls for: ``1536`` -> ``"1.5 KiB"``.
+
+    Whole bytes below 1 KiB (``"512 B"``), else one decimal in KiB, MiB, GiB
+    or TiB (binary units), so that the number shown is always under 1024
+    except for TiB.
+    """
+    value = float(nbytes)
+    if abs(round(value)) < 1024:
+        return f"{value:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if abs(round(value, 1)) < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:,.1f} TiB"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``"42 s"``, ``"5.0 min"``, ``"2.0 h"``, ``"3.0 days"``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.1f} days"
 
 
 def _join(fs: fsspec.AbstractFileSystem, root: str, name: str) -> str:
@@ -171,10 +210,15 @@ def _usage(fs: fsspec.AbstractFileSystem, path: str) -> tuple[float, int]:
 
 def _mtime(fs: fsspec.AbstractFileSystem, path: str) -> float:
     """The newest modification time of anything at or under ``path`` (0 if unknown)."""
+    return _usage_or_nothing(fs, path)[0]
+
+
+def _usage_or_nothing(fs: fsspec.AbstractFileSystem, path: str) -> tuple[float, int]:
+    """:func:`_usage`, or (0, 0) for a path removed meanwhile."""
     try:
-        return _usage(fs, path)[0]
-    except FileNotFoundError:  # removed meanwhile
-        return 0.0
+        return _usage(fs, path)
+    except FileNotFoundError:
+        return 0.0, 0
 
 
 def list_checkpoints(
@@ -205,16 +249,18 @@ def list_checkpoints(
         manifest, damage = _inspect(fs, path)
         if manifest is None and not numbered and not damage:
             continue
+        newest, stored = (0.0, 0) if manifest else _usage_or_nothing(fs, path)
         found.append(
             CheckpointInfo(
                 path=_display(fs, path),
                 name=name,
                 number=int(numbered["number"]) if numbered else None,
-                created=manifest.created if manifest else _mtime(fs, path),
+                created=manifest.created if manifest else newest,
                 nbytes=manifest.nbytes if manifest else 0,
                 committed=manifest is not None,
                 metadata=manifest.metadata if manifest else {},
                 damage=damage,
+                stored_nbytes=stored,
             )
         )
     # By number, never by time: clocks of other hosts differ, and a time read
@@ -273,12 +319,52 @@ def delete_checkpoint(path: PathLike, storage_options: dict[str, Any] | None = N
         fs.rm(root, recursive=True)
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """Something an interrupted save or delete left behind, and what :func:`gc_report` did.
+
+    ``path`` as the other functions here show it (a URL off the local disk);
+    ``nbytes`` what it takes on storage (0 for a multipart upload: unknown);
+    ``age`` seconds since anything in it last changed (None when storage
+    gives no time); ``reason`` says why a leftover was kept ("" when removed).
+    """
+
+    path: str
+    nbytes: int
+    age: float | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :func:`gc_report` removed (or, in a dry run, would remove) and what it kept, why.
+
+    ``removed`` are leftovers older than the threshold: removed, or with
+    ``dry_run`` only found; ``kept`` are leftovers left in place, each with
+    its reason (too young for the threshold, inside a checkpoint whose
+    ``_COMMIT`` cannot be read, or still there after the removal).
+    Committed checkpoints are never leftovers and never appear here.
+    """
+
+    directory: str
+    older_than: float
+    dry_run: bool
+    removed: tuple[Leftover, ...]
+    kept: tuple[Leftover, ...]
+
+    @property
+    def removed_nbytes(self) -> int:
+        """Bytes freed (or, in a dry run, that would be freed)."""
+        return sum(leftover.nbytes for leftover in self.removed)
+
+
 def gc(
     directory: PathLike,
     older_than: float = 3600.0,
     storage_options: dict[str, Any] | None = None,
     *,
     checkpoint_name: str | None = None,
+    dry_run: bool = False,
 ) -> list[str]:
     """Remove leftovers of interrupted saves and deletes older than ``older_than`` seconds.
 
@@ -296,16 +382,22 @@ def gc(
     version cannot decode (a newer format, or damage: :func:`verify` says
     which), and nothing else in ``directory`` is touched. With
     ``checkpoint_name``, only leftovers of ``<checkpoint_name>-<n>``
-    checkpoints (and of that name's state file) go. Returns what was removed.
+    checkpoints (and of that name's state file) go. Returns what was removed;
+    with ``dry_run``, what would be, removing nothing. :func:`gc_report` also
+    tells what was kept and why.
 
     Example:
         >>> gc("s3://bucket/run", older_than=24 * 3600)  # doctest: +SKIP
         ['s3://bucket/run/ckpt-7/attempt-3f2a...']
     """
-    return [
-        path
-        for path, _ in remove_leftovers(directory, older_than, storage_options, checkpoint_name)
-    ]
+    report = gc_report(
+        directory,
+        older_than,
+        storage_options,
+        checkpoint_name=checkpoint_name,
+        dry_run=dry_run,
+    )
+    return [leftover.path for leftover in report.removed]
 
 
 def remove_leftovers(
@@ -313,11 +405,43 @@ def remove_leftovers(
     older_than: float,
     storage_options: dict[str, Any] | None = None,
     checkpoint_name: str | None = None,
+    *,
+    dry_run: bool = False,
 ) -> list[tuple[str, int]]:
     """:func:`gc`, returning each removed leftover with its size in bytes."""
+    report = gc_report(
+        directory,
+        older_than,
+        storage_options,
+        checkpoint_name=checkpoint_name,
+        dry_run=dry_run,
+    )
+    return [(leftover.path, leftover.nbytes) for leftover in report.removed]
+
+
+def gc_report(
+    directory: PathLike,
+    older_than: float = 3600.0,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    checkpoint_name: str | None = None,
+    dry_run: bool = False,
+) -> GcReport:
+    """:func:`gc` (same arguments), telling what was removed and what was kept and why.
+
+    With ``dry_run`` nothing is removed or aborted: :attr:`GcReport.removed`
+    lists what :func:`gc` would remove now.
+
+    Example:
+        >>> report = gc_report("/ckpts", dry_run=True)  # doctest: +SKIP
+        >>> [(k.path, k.reason) for k in report.kept]  # doctest: +SKIP
+        [('/ckpts/.ckpt-8.zarrckpt-tmp-1f...', 'too young: last changed 3 s ago, ...')]
+    """
     fs, root = resolve_path(directory, storage_options)
-    cutoff = time.time() - older_than
-    removed: list[tuple[str, int]] = []
+    now = time.time()
+    cutoff = now - older_than
+    removed: list[Leftover] = []
+    kept: list[Leftover] = []
     local = is_local(fs)
 
     def ours(name: str) -> bool:  # any checkpoint directory, or one of the name asked for
@@ -331,12 +455,23 @@ def remove_leftovers(
             newest, nbytes = _usage(fs, path)
         except FileNotFoundError:
             return  # removed by someone else meanwhile (another gc, a retention delete)
-        if newest <= cutoff:
-            with contextlib.suppress(FileNotFoundError):
-                remove(path)
-            fs.invalidate_cache(path)
-            if not fs.exists(path):  # rmtree ignores errors: report only what went
-                removed.append((_display(fs, path), nbytes))
+        age = now - newest if newest > 0 else None
+        shown = _display(fs, path)
+        if newest > cutoff:
+            kept.append(Leftover(shown, nbytes, age, _too_young(now - newest, older_than)))
+            return
+        if dry_run:
+            removed.append(Leftover(shown, nbytes, age))
+            return
+        with contextlib.suppress(FileNotFoundError):
+            remove(path)
+        fs.invalidate_cache(path)
+        if fs.exists(path):  # rmtree ignores errors: report only what went
+            kept.append(
+                Leftover(shown, nbytes, age, "could not be removed (check its permissions)")
+            )
+        else:
+            removed.append(Leftover(shown, nbytes, age))
 
     for name, is_directory in _entries(fs, root):
         path = _join(fs, root, name)
@@ -355,14 +490,28 @@ def remove_leftovers(
         children = _entries(fs, path)
         attempts = [child for child, is_dir in children if is_dir and _ATTEMPT.fullmatch(child)]
         if not attempts:
-            if not children and _NUMBERED.fullmatch(name) and _mtime(fs, path) <= cutoff:
+            empty = not children and _NUMBERED.fullmatch(name) is not None
+            if empty and not dry_run and _mtime(fs, path) <= cutoff:
                 _remove_empty_directory(fs, path)  # what an aborted attempt leaves
             continue
         try:
             marker = _read_marker(fs, path)
             live = None if marker is None else Manifest.decode(marker, where=path).attempt
         except ZarrckptError:
-            continue  # damaged, or a format this version does not know: not ours to judge
+            # Damaged, or a format this version does not know: not ours to judge.
+            for attempt in attempts:
+                leftover = _join(fs, path, attempt)
+                newest, nbytes = _usage_or_nothing(fs, leftover)
+                kept.append(
+                    Leftover(
+                        _display(fs, leftover),
+                        nbytes,
+                        now - newest if newest > 0 else None,
+                        f"its checkpoint's {COMMIT_KEY} cannot be read (damaged, or a newer "
+                        "format), so gc cannot tell whether it is the committed data",
+                    )
+                )
+            continue
         for attempt in attempts:
             if attempt == live:
                 continue
@@ -372,11 +521,25 @@ def remove_leftovers(
             if again is not None and again.attempt == attempt:
                 continue
             remove_if_stale(leftover, partial(fs.rm, recursive=True))
-        if marker is None and not _entries(fs, path):
+        if not dry_run and marker is None and not _entries(fs, path):
             _remove_empty_directory(fs, path)
     prefix = "" if checkpoint_name is None else f"{checkpoint_name}-"
-    removed.extend((upload, 0) for upload in _abort_stale_uploads(fs, root, cutoff, prefix))
-    return removed
+    aborted, waiting = _stale_uploads(fs, root, now, older_than, prefix, dry_run=dry_run)
+    return GcReport(
+        directory=_display(fs, root),
+        older_than=older_than,
+        dry_run=dry_run,
+        removed=(*removed, *aborted),
+        kept=(*kept, *waiting),
+    )
+
+
+def _too_young(age: float, older_than: float) -> str:
+    """Why a leftover was kept: it changed too recently for a writer to be surely gone."""
+    return (
+        f"too young: last changed {format_duration(max(age, 0.0))} ago, under the threshold "
+        f"of {format_duration(older_than)} (a writer may still be using it)"
+    )
 
 
 def _remove_empty_directory(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -385,18 +548,29 @@ def _remove_empty_directory(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.rmdir(path)
 
 
-def _abort_stale_uploads(
-    fs: fsspec.AbstractFileSystem, root: str, cutoff: float, name_prefix: str = ""
-) -> list[str]:
-    """Abort S3 multipart uploads under ``root/<name_prefix>`` started before ``cutoff``."""
+def _stale_uploads(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    now: float,
+    older_than: float,
+    name_prefix: str = "",
+    *,
+    dry_run: bool = False,
+) -> tuple[list[Leftover], list[Leftover]]:
+    """S3 multipart uploads under ``root/<name_prefix>``: (aborted, kept as too young).
+
+    Uploads started more than ``older_than`` seconds before ``now`` are
+    aborted (with ``dry_run``, only listed).
+    """
     if not hasattr(fs, "list_multipart_uploads"):
-        return []
+        return [], []
     bucket, _, prefix = root.partition("/")
-    aborted = []
+    aborted: list[Leftover] = []
+    young: list[Leftover] = []
     try:
         uploads = fs.list_multipart_uploads(bucket)
     except FileNotFoundError:  # no such bucket: nothing to abort
-        return []
+        return [], []
     for upload in uploads:
         key = upload.get("Key", "")
         started = upload.get("Initiated")
@@ -404,9 +578,14 @@ def _abort_stale_uploads(
             (f"{prefix.rstrip('/')}/" if prefix else "") + name_prefix
         ) or not isinstance(started, datetime):
             continue
-        if started.timestamp() <= cutoff:
+        name = f"s3://{bucket}/{key} (multipart upload)"
+        age = now - started.timestamp()
+        if age < older_than:
+            young.append(Leftover(name, 0, age, _too_young(age, older_than)))
+            continue
+        if not dry_run:
             fs.call_s3(
                 "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
             )
-            aborted.append(f"s3://{bucket}/{key} (multipart upload)")
-    return aborted
+        aborted.append(Leftover(name, 0, age))
+    return aborted, young

@@ -30,6 +30,7 @@ __all__ = [
     "RecordError",
     "ShapeMismatchError",
     "UnmatchedValuesWarning",
+    "UnsavedValueWarning",
     "UnsupportedDTypeError",
     "UnsupportedValueError",
     "VariableNotFoundError",
@@ -130,6 +131,15 @@ class MatchError(ZarrckptError, AssertionError):
 
 class UnmatchedValuesWarning(UserWarning):
     """Some checkpointed values were never matched to a live object."""
+
+
+class UnsavedValueWarning(UserWarning):
+    """A save left out state it cannot track: arrays, numbers or tuples in plain attributes.
+
+    Only trackables are dependencies (as in TensorFlow); a numpy array, a
+    number or a tuple holding them in an attribute is not saved. Raised once
+    per save, naming every such attribute and pointing at the caller's line.
+    """
 
 
 def caller_location() -> tuple[str, int]:

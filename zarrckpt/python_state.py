@@ -171,12 +171,14 @@ class NumpyState(Trackable):
         if isinstance(value, NoDependency):
             value = value.value
             self._untrack(name)
+            self._zc_tracking.silenced.add(name)
         else:
             value = wrap_tracked_value(value)
             if isinstance(value, Trackable):
                 self._track_trackable(value, name, overwrite=True)
             else:
                 self._untrack(name)
+            self._zc_tracking.silenced.discard(name)
         object.__setattr__(self, name, value)
 
     def __getattribute__(self, name: str) -> Any:
@@ -189,6 +191,7 @@ class NumpyState(Trackable):
 
     def __delattr__(self, name: str) -> None:
         self._untrack(name)
+        self._zc_tracking.silenced.discard(name)
         object.__delattr__(self, name)
 
     def _check_value_name(self, name: str, action: str) -> None:

@@ -107,11 +107,13 @@ class DeferredRestorer(Protocol):
 
 
 class _TrackingState:
-    __slots__ = ("deferred", "dependencies")
+    __slots__ = ("deferred", "dependencies", "silenced")
 
     def __init__(self) -> None:
         self.dependencies: dict[str, Trackable] = {}
         self.deferred: dict[str, list[tuple[DeferredRestorer, int]]] = {}
+        # Attributes assigned through NoDependency: never reported as unsaved.
+        self.silenced: set[str] = set()
 
 
 class Trackable:
@@ -253,6 +255,7 @@ class AutoTrackable(Trackable):
             return
         if isinstance(value, NoDependency):
             self._untrack(name)
+            self._zc_tracking.silenced.add(name)
             object.__setattr__(self, name, value.value)
             return
         value = wrap_tracked_value(value)
@@ -260,8 +263,10 @@ class AutoTrackable(Trackable):
             self._track_trackable(value, name, overwrite=True)
         elif self._lookup_dependency(name) is not None:
             self._untrack(name)
+        self._zc_tracking.silenced.discard(name)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
         self._untrack(name)
+        self._zc_tracking.silenced.discard(name)
         object.__delattr__(self, name)

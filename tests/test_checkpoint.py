@@ -43,7 +43,7 @@ def test_save_restore_round_trip_into_live_memory(tmp_path, model):
 
 def test_save_numbers_with_counter_and_write_does_not(tmp_path, model):
     ckpt = zc.Checkpoint(model=model)
-    assert ckpt.save_counter is None
+    assert ckpt._lookup_dependency("save_counter") is None  # not made until needed
     first = ckpt.save(tmp_path / "run")
     second = ckpt.save(tmp_path / "run")
     assert (first, second) == (f"{tmp_path}/run-1", f"{tmp_path}/run-2")
@@ -54,6 +54,29 @@ def test_save_numbers_with_counter_and_write_does_not(tmp_path, model):
     keys = {a.key: a for _, a in graph.attributes()}
     counter = keys["save_counter/.ATTRIBUTES/VARIABLE_VALUE"]
     assert (counter.shape, counter.dtype) == ((), "int64")
+
+
+def test_save_counter_is_created_on_first_access_and_then_saved(tmp_path, model):
+    """TensorFlow's rule: reading ckpt.save_counter makes a counter holding 0."""
+    zc.Checkpoint(model=model).write(tmp_path / "untouched")
+    ckpt = zc.Checkpoint(model=model)
+    counter = ckpt.save_counter
+    assert int(counter) == 0 and isinstance(counter, zc.Variable)
+    assert counter.dtype == np.int64 and counter.shape == ()
+    assert ckpt.save_counter is counter  # one counter, made once
+    ckpt.write(tmp_path / "touched")
+    assert "save_counter/.ATTRIBUTES/VARIABLE_VALUE" in {
+        k for k, _, _ in zc.list_variables(tmp_path / "touched")
+    }
+    assert "save_counter/.ATTRIBUTES/VARIABLE_VALUE" not in {
+        k for k, _, _ in zc.list_variables(tmp_path / "untouched")
+    }
+    # A checkpoint without a counter restores into one that has it, which keeps 0.
+    fresh = zc.Checkpoint(model=Model(seed=5))
+    assert int(fresh.save_counter) == 0
+    fresh.restore(tmp_path / "untouched").assert_consumed()
+    assert int(fresh.save_counter) == 0
+    assert fresh.save(tmp_path / "run") == f"{tmp_path}/run-1"
 
 
 def test_restore_continues_numbering(tmp_path, model):

@@ -15,6 +15,7 @@ import zarrckpt as zc
 from zarrckpt.errors import (
     DTypeMismatchError,
     ShapeMismatchError,
+    UnsavedValueWarning,
     UnsupportedDTypeError,
     UnsupportedValueError,
 )
@@ -195,7 +196,8 @@ def test_numpy_state_saves_array_and_scalar_attributes(tmp_path: Path) -> None:
     state.python_int = 5
     state.python_float = 2.5
     state.text = "hello"
-    path = zc.Checkpoint(s=state).write(tmp_path / "c")
+    with pytest.warns(UnsavedValueWarning, match=r"s\.python_int \(int\), s\.python_float"):
+        path = zc.Checkpoint(s=state).write(tmp_path / "c")
     attributes = saved_attributes(path)
     assert sorted(attributes) == [
         "s/count/.ATTRIBUTES/VARIABLE_VALUE",
@@ -278,7 +280,8 @@ def test_numpy_state_python_scalars_are_not_saved(tmp_path: Path) -> None:
     state = zc.NumpyState()
     state.count = 3
     state.ratio = 0.5
-    path = zc.Checkpoint(s=state).write(tmp_path / "c")
+    with pytest.warns(UnsavedValueWarning, match=r"s\.count \(int\), s\.ratio \(float\)"):
+        path = zc.Checkpoint(s=state).write(tmp_path / "c")
     assert saved_keys(path) == []
     fresh = zc.NumpyState()
     fresh.count = 100
@@ -292,7 +295,8 @@ def test_numpy_state_replacing_array_with_python_value_untracks(tmp_path: Path) 
     state.b = np.zeros(2, np.float32)
     state.a = 1.0
     assert state.a == 1.0
-    path = zc.Checkpoint(s=state).write(tmp_path / "c")
+    with pytest.warns(UnsavedValueWarning, match=r"not saved: s\.a \(float\)\."):
+        path = zc.Checkpoint(s=state).write(tmp_path / "c")
     assert saved_keys(path) == ["s/b/.ATTRIBUTES/VARIABLE_VALUE"]
 
 

@@ -297,6 +297,10 @@ class Commit(ABC):
     def publish(self, manifest: Manifest) -> None:
         """Make the written checkpoint visible, atomically."""
 
+    def explain_failure(self, exc: BaseException) -> ZarrckptError | None:
+        """A clearer error for a failed save whose cause the commit can name, else None."""
+        return None
+
     @abstractmethod
     def abort(self) -> None:
         """Remove what was written; an existing checkpoint is untouched."""
@@ -491,6 +495,27 @@ class ObjectStoreCommit(Commit):
                 ) from exc
             raise
 
+    def explain_failure(self, exc: BaseException) -> ZarrckptError | None:
+        # Object stores answer a write into a missing bucket with NoSuchBucket,
+        # which fsspec turns into a FileNotFoundError naming no bucket.
+        if not isinstance(exc, FileNotFoundError) or isinstance(exc, ZarrckptError):
+            return None
+        split_path = getattr(self.fs, "split_path", None)
+        if split_path is None:
+            return None
+        bucket = split_path(self.root)[0]
+        try:
+            self.fs.invalidate_cache(bucket)
+            exists = self.fs.exists(bucket)
+        except Exception:  # the original error says more than a failed probe
+            return None
+        if exists:
+            return None
+        return CheckpointNotFoundError(
+            f"{self.url}: the bucket {bucket!r} does not exist. zarrckpt never creates "
+            f"buckets: create it first (for example `aws s3 mb {self.fs.unstrip_protocol(bucket)}`)"
+        )
+
     def _marker(self) -> bytes | None:
         self.fs.invalidate_cache(f"{self.root}/{COMMIT_KEY}")
         try:
@@ -681,6 +706,34 @@ def read_marker(storage: Storage) -> bytes:
         raise FileNotFoundError(errno.ENOENT, "no commit marker", storage.url) from None
 
 
+def _not_a_checkpoint(
+    url: str, path: str | os.PathLike[str], storage_options: dict[str, Any] | None
+) -> str:
+    """Why the directory at ``path`` is not a checkpoint: a directory of them, or unfinished."""
+    from zarrckpt.directory import list_checkpoints  # directory builds on this module
+
+    try:
+        inside = list_checkpoints(path, storage_options)
+    except (OSError, ZarrckptError):
+        inside = []
+    committed = [c for c in inside if c.committed]
+    if committed:
+        return (
+            f"{url} is a directory of checkpoints, not a checkpoint; its latest is "
+            f"{committed[-1].path} (zarrckpt.latest_checkpoint({url!r}) finds it)"
+        )
+    if inside:
+        return (
+            f"{url} is a directory of checkpoints, none of them committed "
+            f"({', '.join(c.name for c in inside[:5])}"
+            f"{' ...' if len(inside) > 5 else ''}): saves that did not finish"
+        )
+    return (
+        f"{url}: not a committed checkpoint (no {COMMIT_KEY} manifest); it may be "
+        "a save that did not finish"
+    )
+
+
 def open_committed(
     path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> CommittedCheckpoint:
@@ -692,10 +745,7 @@ def open_committed(
         marker = read_marker(top)
     except FileNotFoundError:
         if fs.isdir(root):
-            raise CheckpointNotFoundError(
-                f"{url}: not a committed checkpoint (no {COMMIT_KEY} manifest); it may be "
-                "a save that did not finish"
-            ) from None
+            raise CheckpointNotFoundError(_not_a_checkpoint(url, path, storage_options)) from None
         raise CheckpointNotFoundError(f"{url}: no checkpoint at this path") from None
     manifest = Manifest.decode(marker, where=f"{url}/{COMMIT_KEY}")
     data = open_storage(fs, f"{root.rstrip('/')}/{manifest.attempt}") if manifest.attempt else top

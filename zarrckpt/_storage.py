@@ -20,8 +20,14 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
 
-from zarrckpt.errors import CorruptCheckpointError, InvalidKeyError
+from zarrckpt.errors import (
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    MissingDependencyError,
+)
 
 __all__ = [
     "FsspecStorage",
@@ -363,8 +369,32 @@ def open_storage(fs: fsspec.AbstractFileSystem, root: str) -> Storage:
 def resolve(
     path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the path within it for a local path or fsspec URL."""
-    fs, root = fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
+    """The filesystem and the path within it for a local path or fsspec URL.
+
+    An unknown protocol is an :class:`InvalidArgumentError` and a protocol whose
+    package is missing a :class:`MissingDependencyError`, both naming the fix.
+    """
+    url = os.fspath(path)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        protocol = fsspec.core.split_protocol(url)[0] or "file"
+        if protocol in ("s3", "s3a"):
+            hint = "pip install 'zarrckpt[s3]' (it installs s3fs)"
+        else:
+            known = known_implementations.get(protocol, {})
+            hint = known.get("err") or str(exc)
+        raise MissingDependencyError(
+            f"{url}: the {protocol}:// protocol needs a package that is not installed: {hint}"
+        ) from exc
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):
+            raise
+        protocol = fsspec.core.split_protocol(url)[0]
+        raise InvalidArgumentError(
+            f"{url}: unknown protocol {protocol!r}; a path is a local path or an fsspec URL "
+            "such as s3://bucket/run or gs://bucket/run"
+        ) from None
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
     return fs, str(root).rstrip("/") or "/"

@@ -32,6 +32,7 @@ from zarrckpt._commit import (
 from zarrckpt._dtypes import dtype_from_name
 from zarrckpt._graph import build_save_plan, list_objects
 from zarrckpt.errors import (
+    CheckpointExistsError,
     InvalidArgumentError,
     MatchError,
     UnmatchedValuesWarning,
@@ -75,13 +76,20 @@ class Checkpoint(AutoTrackable):
             setattr(self, name, obj)
 
     @property
-    def save_counter(self) -> Variable | None:
-        """The int64 scalar Variable counting ``save()`` calls, once one has happened."""
+    def save_counter(self) -> Variable:
+        """The int64 scalar Variable counting ``save()`` calls; 0 before the first.
+
+        Created on first access (as in TensorFlow), after which it is a
+        dependency that ``write()`` saves too; ``int(ckpt.save_counter)`` reads it.
+        """
+        return self._create_save_counter()
+
+    def _existing_save_counter(self) -> Variable | None:
         counter = self._lookup_dependency(SAVE_COUNTER)
         return counter if isinstance(counter, Variable) else None
 
     def _create_save_counter(self) -> Variable:
-        counter = self.save_counter
+        counter = self._existing_save_counter()
         if counter is None:
             counter = Variable(np.int64(0), name=None, dtype=np.int64)
             self._track_trackable(counter, SAVE_COUNTER)
@@ -113,8 +121,11 @@ class Checkpoint(AutoTrackable):
         try:
             files = array_io.write_arrays(storage, plan.arrays, options, stats)
             commit.finalize(plan.graph.encode(), files, metadata)
-        except BaseException:
+        except BaseException as exc:
             commit.abort()
+            clearer = commit.explain_failure(exc)
+            if clearer is not None:
+                raise clearer from exc
             raise
         object.__setattr__(self, "_zc_last_write_stats", stats)
         return os.fspath(path)
@@ -137,13 +148,20 @@ class Checkpoint(AutoTrackable):
         counter = self._create_save_counter()
         counter.assign_add(1)
         number = int(counter.numpy())
+        path = f"{os.fspath(file_prefix)}-{number}"
         try:
             return self.write(
-                f"{os.fspath(file_prefix)}-{number}",
-                options=options,
-                storage_options=storage_options,
-                metadata=metadata,
+                path, options=options, storage_options=storage_options, metadata=metadata
             )
+        except CheckpointExistsError as exc:
+            counter.assign_sub(1)
+            raise CheckpointExistsError(
+                f"{exc} (save() numbers checkpoints from save_counter, which is {number - 1} "
+                f"here). To continue an earlier run, restore its latest checkpoint first "
+                f"(ckpt.restore(zarrckpt.latest_checkpoint(...)) brings the counter back), "
+                f"or let a CheckpointManager number the checkpoints in a directory; "
+                f"to start afresh, save under another prefix or write() to a new path."
+            ) from None
         except BaseException:
             counter.assign_sub(1)
             raise
@@ -416,10 +434,13 @@ class CheckpointLoadStatus:
     def assert_existing_objects_matched(self) -> Self:
         """Every live object with values (reachable from the root) got them from the checkpoint."""
         session = self._session
+        # A save counter the checkpoint lacks (written by write(), say) is not the
+        # user's state: it keeps its value, as TensorFlow's does.
+        counter = self._root._lookup_dependency(SAVE_COUNTER)
         unmatched = [
             obj
             for obj in list_objects(self._root)
-            if obj._saveable_values() and not session.is_matched(obj)
+            if obj._saveable_values() and not session.is_matched(obj) and obj is not counter
         ]
         if unmatched:
             raise MatchError(

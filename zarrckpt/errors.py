@@ -26,6 +26,7 @@ __all__ = [
     "InvalidKeyError",
     "MatchError",
     "MissingChunkError",
+    "MissingDependencyError",
     "NonAppendMutationError",
     "RecordError",
     "ShapeMismatchError",
@@ -88,6 +89,13 @@ class RecordError(CorruptCheckpointError):
 
 class FormatVersionError(ZarrckptError, ValueError):
     """The checkpoint was written in a format version this zarrckpt cannot read."""
+
+
+class MissingDependencyError(ZarrckptError, ImportError):
+    """A package a path's storage needs is not installed (s3fs for ``s3://``, say).
+
+    The message names what to install, e.g. ``pip install 'zarrckpt[s3]'``.
+    """
 
 
 class InvalidArgumentError(ZarrckptError, ValueError, TypeError):

@@ -7,6 +7,7 @@ chunks a slice touches for :func:`load_variable`.
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -65,11 +66,29 @@ def _find(checkpoint: CommittedCheckpoint, key: str) -> SavedAttribute:
     for candidate in (key, f"{key.rstrip('/')}/{ATTRIBUTES}/{VARIABLE_VALUE}"):
         if candidate in attributes:
             return attributes[candidate]
-    close = sorted(k for k in attributes if key.split("/")[0] in k)[:5]
+    close = _closest_keys(key, list(attributes))
     raise VariableNotFoundError(
         f"{checkpoint.url}: no saved value {key!r}"
-        + (f"; similar keys: {close}" if close else f"; {len(attributes)} keys in all")
+        + (f"; did you mean {close}?" if close else f"; {len(attributes)} keys in all")
     )
+
+
+_VALUE_SUFFIX = f"/{ATTRIBUTES}/{VARIABLE_VALUE}"
+
+
+def _closest_keys(key: str, keys: list[str], n: int = 5) -> list[str]:
+    """The saved keys closest to ``key`` by edit distance (``difflib``), best first.
+
+    A variable's key is compared without its ``/.ATTRIBUTES/VARIABLE_VALUE``
+    suffix when ``key`` has none, so ``model/embeding`` finds
+    ``model/embedding/.ATTRIBUTES/VARIABLE_VALUE``.
+    """
+    short: dict[str, str] = {}
+    for full in keys:
+        shown = full.removesuffix(_VALUE_SUFFIX) if not key.endswith(_VALUE_SUFFIX) else full
+        short.setdefault(shown, full)
+    matches = difflib.get_close_matches(key.rstrip("/"), list(short), n=n, cutoff=0.6)
+    return [short[m] for m in matches]
 
 
 def _normalize(index: Any, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[Any, ...]]:

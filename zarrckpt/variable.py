@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from zarrckpt._dtypes import dtype_name
-from zarrckpt.errors import ShapeMismatchError
+from zarrckpt.errors import InvalidArgumentError, ShapeMismatchError
 from zarrckpt.trackable import ArrayValue, SaveableValue, Trackable
 
 __all__ = ["VARIABLE_VALUE", "Variable", "capture_dependencies"]
@@ -28,15 +28,22 @@ _capture_stack: contextvars.ContextVar[tuple[Trackable, ...]] = contextvars.Cont
 class Variable(Trackable):
     """A mutable n-d array held in numpy memory; the unit a checkpoint saves.
 
-    The initial value is copied into a new C-contiguous buffer that the variable
-    owns for its whole life: :meth:`assign` and restore write into it, and
-    :meth:`numpy` returns it (the live buffer, not a copy).
+    By default the initial value is copied into a new C-contiguous buffer that
+    the variable owns for its whole life. With ``copy=False`` the variable
+    adopts ``initial_value`` itself as that buffer (no second copy of a large
+    array): it must then be a writeable, C-contiguous, native-byte-order
+    ``numpy.ndarray``, and anything else is refused with the reason.
+    :meth:`assign` and restore write into the buffer, and :meth:`numpy`
+    returns it (the live buffer, not a copy).
 
     Example:
         >>> v = Variable(np.zeros((2, 3), np.float32), name="kernel")
         >>> v.assign(np.ones((2, 3)))
         >>> v.numpy().sum()
         6.0
+        >>> weights = np.zeros(1024, np.float32)
+        >>> Variable(weights, copy=False).numpy() is weights
+        True
     """
 
     def __init__(
@@ -44,11 +51,15 @@ class Variable(Trackable):
         initial_value: npt.ArrayLike,
         name: str | None = None,
         dtype: npt.DTypeLike | None = None,
+        copy: bool = True,
     ) -> None:
-        value = np.array(initial_value, dtype=dtype, order="C", copy=True)
-        dtype_name(value.dtype)  # refuse unsupported dtypes at creation, not at save
-        if not value.dtype.isnative:
-            value = value.astype(value.dtype.newbyteorder("="))
+        if copy:
+            value = np.array(initial_value, dtype=dtype, order="C", copy=True)
+            dtype_name(value.dtype)  # refuse unsupported dtypes at creation, not at save
+            if not value.dtype.isnative:
+                value = value.astype(value.dtype.newbyteorder("="))
+        else:
+            value = _adoptable(initial_value, dtype, name)
         self._value: np.ndarray[Any, Any] = value
         self.name = name
         if name is not None:
@@ -99,6 +110,12 @@ class Variable(Trackable):
             return self._value
         return np.array(self._value, dtype=dtype, copy=True)
 
+    def __int__(self) -> int:
+        return int(self._value)
+
+    def __float__(self) -> float:
+        return float(self._value)
+
     def __repr__(self) -> str:
         name = f" {self.name!r}" if self.name else ""
         body = np.array2string(self._value, threshold=6, edgeitems=2, separator=", ")
@@ -107,6 +124,36 @@ class Variable(Trackable):
 
     def _saveable_values(self) -> dict[str, SaveableValue]:
         return {VARIABLE_VALUE: ArrayValue(self.numpy)}
+
+
+def _adoptable(
+    initial_value: Any, dtype: npt.DTypeLike | None, name: str | None
+) -> np.ndarray[Any, Any]:
+    """``initial_value`` itself, if a Variable can use it as its buffer; else why not."""
+    where = f"Variable(name={name!r}, copy=False)" if name else "Variable(copy=False)"
+    fix = "pass copy=True (the default) to let the variable copy it"
+    if not isinstance(initial_value, np.ndarray) or isinstance(initial_value, np.ma.MaskedArray):
+        raise InvalidArgumentError(
+            f"{where} adopts a numpy.ndarray as its buffer, got {type(initial_value).__name__}; "
+            f"{fix}"
+        )
+    array: np.ndarray[Any, Any] = initial_value
+    dtype_name(array.dtype)  # an unsupported dtype fails here, naming it
+    reason = None
+    if dtype is not None and np.dtype(dtype) != array.dtype:
+        reason = f"has dtype {array.dtype}, not the requested {np.dtype(dtype)}"
+    elif not array.flags.c_contiguous:
+        reason = (
+            "is not C-contiguous (a transposed or strided view?); restores write the "
+            "checkpoint's bytes into the buffer in C order"
+        )
+    elif not array.dtype.isnative:
+        reason = f"is not in native byte order (dtype {array.dtype.str})"
+    elif not array.flags.writeable:
+        reason = "is read-only; assign() and restores write into the buffer"
+    if reason is not None:
+        raise InvalidArgumentError(f"{where}: the array {reason}; {fix}")
+    return array
 
 
 @contextmanager

@@ -154,16 +154,40 @@ def test_show_on_a_manager_directory_names_its_latest(tmp_path, model, capsys):
 # Missing bucket (S3) --------------------------------------------------------
 
 
-def test_manager_save_into_a_missing_bucket_names_it(s3_storage_options):
+def test_a_missing_bucket_is_named_when_listing_and_saving(s3_storage_options, s3_url):
     bucket = "zc-no-such-bucket-for-new-users"
+    url = f"s3://{bucket}/run"
     ckpt = zc.Checkpoint(model=Model(seed=1))
-    manager = zc.CheckpointManager(ckpt, f"s3://{bucket}/run", storage_options=s3_storage_options)
-    with pytest.raises(CheckpointNotFoundError) as raised:
-        manager.save()
-    message = str(raised.value)
-    assert f"the bucket '{bucket}' does not exist" in message
-    assert f"aws s3 mb s3://{bucket}" in message
-    assert manager.checkpoints == [] and int(ckpt.save_counter) == 0
+    expected = (
+        f"{url}: the bucket '{bucket}' does not exist. zarrckpt never creates buckets: "
+        f"create it first (for example `aws s3 mb s3://{bucket}`)"
+    )
+    for attempt in (
+        lambda: zc.CheckpointManager(ckpt, url, storage_options=s3_storage_options),
+        lambda: zc.latest_checkpoint(url, storage_options=s3_storage_options),
+        lambda: ckpt.save(url, storage_options=s3_storage_options),
+    ):
+        with pytest.raises(CheckpointNotFoundError) as raised:
+            attempt()
+        assert str(raised.value).replace(f"{url}-1", url) == expected
+    assert int(ckpt.save_counter) == 0
+    # A missing prefix in a bucket that exists is just a directory with no checkpoints.
+    assert zc.list_checkpoints(f"{s3_url}/nothing-here", storage_options=s3_storage_options) == []
+
+
+def test_cli_ls_of_a_missing_bucket_exits_3(s3_storage_options, capsys):
+    import json
+
+    code = main(
+        [
+            "ls",
+            "s3://zc-no-such-bucket-either/run",
+            "--storage-options",
+            json.dumps(s3_storage_options),
+        ]
+    )
+    assert code == 3
+    assert "the bucket 'zc-no-such-bucket-either' does not exist" in capsys.readouterr().err
 
 
 # Storage URLs ----------------------------------------------------------------

@@ -51,6 +51,8 @@ from zarrckpt._storage import (
     check_relative_key,
     fsync_directory,
     is_local,
+    missing_bucket,
+    missing_bucket_message,
     open_storage,
 )
 from zarrckpt._storage import resolve as resolve_path
@@ -500,21 +502,10 @@ class ObjectStoreCommit(Commit):
         # which fsspec turns into a FileNotFoundError naming no bucket.
         if not isinstance(exc, FileNotFoundError) or isinstance(exc, ZarrckptError):
             return None
-        split_path = getattr(self.fs, "split_path", None)
-        if split_path is None:
+        bucket = missing_bucket(self.fs, self.root)
+        if bucket is None:
             return None
-        bucket = split_path(self.root)[0]
-        try:
-            self.fs.invalidate_cache(bucket)
-            exists = self.fs.exists(bucket)
-        except Exception:  # the original error says more than a failed probe
-            return None
-        if exists:
-            return None
-        return CheckpointNotFoundError(
-            f"{self.url}: the bucket {bucket!r} does not exist. zarrckpt never creates "
-            f"buckets: create it first (for example `aws s3 mb {self.fs.unstrip_protocol(bucket)}`)"
-        )
+        return CheckpointNotFoundError(missing_bucket_message(self.fs, self.url, bucket))
 
     def _marker(self) -> bytes | None:
         self.fs.invalidate_cache(f"{self.root}/{COMMIT_KEY}")

@@ -400,6 +400,32 @@ def resolve(
     return fs, str(root).rstrip("/") or "/"
 
 
+def missing_bucket(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The bucket of ``path`` if ``fs`` is an object store and the bucket does not exist.
+
+    Probes once (s3fs: HEAD bucket); None where there are no buckets, where the
+    bucket exists, or where the probe itself fails (the caller's own error then
+    says more).
+    """
+    split_path = getattr(fs, "split_path", None)
+    if split_path is None or is_local(fs):
+        return None
+    try:
+        bucket = str(split_path(path)[0])
+        fs.invalidate_cache(bucket)
+        return None if fs.exists(bucket) else bucket
+    except Exception:
+        return None
+
+
+def missing_bucket_message(fs: fsspec.AbstractFileSystem, url: str, bucket: str) -> str:
+    """What to say about a missing bucket: that zarrckpt never creates one."""
+    return (
+        f"{url}: the bucket {bucket!r} does not exist. zarrckpt never creates buckets: "
+        f"create it first (for example `aws s3 mb {fs.unstrip_protocol(bucket)}`)"
+    )
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether ``fs`` is the local filesystem (where LocalStorage applies)."""
     return isinstance(fs, LocalFileSystem)

@@ -31,6 +31,7 @@ import numpy as np
 
 import zarrckpt as zc
 from zarrckpt._commit import COMMIT_KEY, CommittedCheckpoint, open_committed
+from zarrckpt._storage import missing_bucket, missing_bucket_message
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.array_io import ArrayLayout, read_selection
 from zarrckpt.directory import (
@@ -262,8 +263,12 @@ def _require_directory(directory: str, storage_options: dict[str, Any] | None) -
     fs, root = resolve_path(directory, storage_options)
     fs.invalidate_cache(root)
     if not fs.isdir(root):
-        what = "is not a directory" if fs.exists(root) else "does not exist"
-        raise CheckpointNotFoundError(f"{directory} {what}")
+        if fs.exists(root):
+            raise CheckpointNotFoundError(f"{directory} is not a directory")
+        bucket = missing_bucket(fs, root)
+        if bucket is not None:
+            raise CheckpointNotFoundError(missing_bucket_message(fs, directory, bucket))
+        raise CheckpointNotFoundError(f"{directory} does not exist")
 
 
 def _holds_commit(path: str, storage_options: dict[str, Any] | None) -> bool:

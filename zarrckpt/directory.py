@@ -30,9 +30,15 @@ from zarrckpt._commit import (
     MetadataValue,
     read_marker,
 )
-from zarrckpt._storage import fsync_directory, is_local, open_storage
+from zarrckpt._storage import (
+    fsync_directory,
+    is_local,
+    missing_bucket,
+    missing_bucket_message,
+    open_storage,
+)
 from zarrckpt._storage import resolve as resolve_path
-from zarrckpt.errors import ZarrckptError
+from zarrckpt.errors import CheckpointNotFoundError, ZarrckptError
 
 __all__ = [
     "CheckpointInfo",
@@ -232,6 +238,8 @@ def list_checkpoints(
     Only directories named ``<name>-<number>`` or holding a ``_COMMIT`` are
     listed (temporary directories of interrupted saves are not; :func:`gc`
     removes them). ``checkpoint_name`` keeps only ``<checkpoint_name>-<n>``.
+    A directory that does not exist holds none, but a bucket that does not
+    exist is a :class:`~zarrckpt.errors.CheckpointNotFoundError` naming it.
 
     Example:
         >>> [c.path for c in list_checkpoints("/ckpts") if c.committed]  # doctest: +SKIP
@@ -239,7 +247,12 @@ def list_checkpoints(
     """
     fs, root = resolve_path(directory, storage_options)
     found = []
-    for name, is_directory in _entries(fs, root):
+    entries = _entries(fs, root)
+    if not entries:
+        bucket = missing_bucket(fs, root)  # one probe, only when there is nothing
+        if bucket is not None:
+            raise CheckpointNotFoundError(missing_bucket_message(fs, _display(fs, root), bucket))
+    for name, is_directory in entries:
         if not is_directory or name.startswith("."):
             continue
         numbered = _NUMBERED.fullmatch(name)

@@ -526,3 +526,49 @@ def test_restore_passes_assert_consumed_and_leaves_plain_values_alone(tmp_path: 
     np.testing.assert_array_equal(fresh.stats, np.zeros(3))
     assert fresh.lr == 0.0 and fresh.s.count == 0
     np.testing.assert_array_equal(fresh.arrs[0], np.zeros(1))
+
+
+# Silencing follows positions and names, never object ids -------------------------------
+
+
+def test_a_freed_no_dependency_id_never_hides_a_later_variable(tmp_path: Path) -> None:
+    """Python reuses the id of a freed object: silencing must not be keyed by it."""
+
+    class Config:
+        pass
+
+    for attempt in range(20):
+        m = Module()
+        m.items = []
+        m.items.append(zc.NoDependency(Config()))
+        m.items.pop()  # the Config dies here; its id is free for the next object
+        m.items.append(zc.Variable(np.full(2, attempt, np.float32)))
+        with recorded() as caught:
+            path = zc.Checkpoint(m=m).write(tmp_path / f"c{attempt}")
+        assert unsaved_warnings(caught) == []
+        assert saved_keys(path) == ["m/items/0/.ATTRIBUTES/VARIABLE_VALUE"]
+
+
+def test_an_array_silenced_once_is_reported_where_it_is_stored_plainly(tmp_path: Path) -> None:
+    a = np.zeros(3)
+    m = Module()
+    m.items = []
+    m.items.append(zc.NoDependency(a))
+    m.items.append(a)  # the same array, this time stored as plain state
+    with recorded() as caught:
+        zc.Checkpoint(m=m).write(tmp_path / "c")
+    assert numeric_items(one_warning(caught)) == ["m/items[1] (numpy array float64[3])"]
+
+
+def test_tuples_of_trackables_no_dependency_private_and_inside_containers(tmp_path: Path) -> None:
+    m = Module()
+    m.silenced = zc.NoDependency((zc.Variable(1.0),))  # left out on purpose: not reported
+    m._private = (zc.Variable(2.0),)  # Trackables are dependencies whatever the name
+    m.layers = [(zc.Variable(3.0), zc.Variable(4.0))]  # a tuple inside a tracked list
+    m.heads = {"pair": (zc.Variable(5.0),)}  # and inside a tracked dict
+    with recorded() as caught:
+        path = zc.Checkpoint(m=m).write(tmp_path / "c")
+    assert one_warning(caught) == (
+        f"{HIDDEN_HEAD}m._private, m/layers[0], m/heads['pair']{HIDDEN_TAIL}"
+    )
+    assert saved_keys(path) == []

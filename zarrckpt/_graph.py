@@ -188,6 +188,11 @@ def _unsaved_state(view: GraphView) -> tuple[list[str], list[str]]:
     from zarrckpt.python_state import NumpyState
     from zarrckpt.trackable import AutoTrackable
 
+    def hides_trackables(value: Any) -> bool:
+        return isinstance(value, tuple | set | frozenset) and any(
+            isinstance(item, Trackable) and view.node_of(item) is None for item in value
+        )
+
     numeric: list[str] = []
     hidden: list[str] = []
     for node_id, obj in enumerate(view.objects):
@@ -195,13 +200,13 @@ def _unsaved_state(view: GraphView) -> tuple[list[str], list[str]]:
         if isinstance(obj, List | Dict):
             storage: Any = obj._storage
             if isinstance(obj, List):
-                items = [
-                    (f"[{i}]", v) for i, v in enumerate(storage) if id(v) not in obj._untracked
-                ]
+                items = [(f"[{i}]", v) for i, v in obj._unsaved_items()]
             else:
                 items = [(f"[{k!r}]", v) for k, v in storage.items() if k not in obj._silenced]
             for label, value in items:
-                if not isinstance(value, Trackable):
+                if hides_trackables(value):
+                    hidden.append(f"{path}{label}")
+                elif not isinstance(value, Trackable):
                     what = _numeric_state(value, numbers=False)
                     if what is not None:
                         numeric.append(f"{path}{label} ({what})")
@@ -210,11 +215,13 @@ def _unsaved_state(view: GraphView) -> tuple[list[str], list[str]]:
         scan = isinstance(obj, AutoTrackable | NumpyState)
         silenced = obj._zc_tracking.silenced
         for name, value in attributes.items():
-            if isinstance(value, tuple | set | frozenset) and any(
-                isinstance(item, Trackable) and view.node_of(item) is None for item in value
-            ):
+            if name in silenced:
+                continue
+            # Trackables are dependencies whatever their name, so a private
+            # tuple of them is reported too; private numeric values are not.
+            if hides_trackables(value):
                 hidden.append(f"{path}.{name}")
-            if not scan or name.startswith("_") or name in silenced:
+            if not scan or name.startswith("_"):
                 continue
             if not isinstance(value, Trackable):
                 what = _numeric_state(value, numbers=True)

@@ -90,46 +90,57 @@ class List(Trackable, MutableSequence[Any]):
 
     def __init__(self, values: Iterable[Any] = ()) -> None:
         self._storage: list[Any] = []
-        self._untracked: set[int] = set()  # ids of elements stored through NoDependency
+        # Per position, whether the element was stored through NoDependency: kept
+        # beside the elements (never by id, which Python reuses once an object dies).
+        self._silenced: list[bool] = []
         self._non_append_mutation: str | None = None
         self._zc_source: _Source | None = None  # see wrap_container
         self.extend(values)
 
-    def _is_dependency(self, value: Any) -> bool:
-        return isinstance(value, Trackable) and id(value) not in self._untracked
+    def _pairs(self) -> Iterator[tuple[Any, bool]]:
+        return zip(self._storage, self._silenced, strict=True)
 
-    def _holds_trackable(self, *extra: Any) -> bool:
-        return any(self._is_dependency(v) for v in (*self._storage, *extra))
+    @staticmethod
+    def _counts(value: Any, silenced: bool) -> bool:
+        return isinstance(value, Trackable) and not silenced
 
-    def _store(self, value: Any) -> Any:
+    def _holds_trackable(self, *extra: tuple[Any, bool]) -> bool:
+        return any(self._counts(v, s) for v, s in (*self._pairs(), *extra))
+
+    def _store(self, value: Any) -> tuple[Any, bool]:
+        """The element to store and whether it is silenced (NoDependency)."""
         silenced = isinstance(value, NoDependency)
         value, _ = _unwrap(value)
-        if silenced:  # a Trackable stays untracked; an array is not reported as unsaved
-            self._untracked.add(id(value))
-        return value
+        return value, silenced
 
-    def _mark_mutated(self, operation: str, *extra: Any) -> None:
+    def _unsaved_items(self) -> list[tuple[int, Any]]:
+        """(index, element) of the elements that are not silenced, for the save warning."""
+        return [(i, v) for i, (v, s) in enumerate(self._pairs()) if not s]
+
+    def _mark_mutated(self, operation: str, *extra: tuple[Any, bool]) -> None:
         if self._holds_trackable(*extra) and self._non_append_mutation is None:
             self._non_append_mutation = operation
 
     def _retrack(self) -> None:
         state = self._zc_tracking
         state.dependencies.clear()
-        for index, value in enumerate(self._storage):
-            if self._is_dependency(value):
+        for index, (value, silenced) in enumerate(self._pairs()):
+            if self._counts(value, silenced):
                 state.dependencies[str(index)] = value
 
     # Appending -------------------------------------------------------------
 
     def append(self, value: Any) -> None:
-        value = self._store(value)
+        value, silenced = self._store(value)
         index = len(self._storage)
         self._storage.append(value)
-        if self._is_dependency(value):
+        self._silenced.append(silenced)
+        if self._counts(value, silenced):
             try:
                 self._track_trackable(value, str(index))
             except BaseException:
                 self._storage.pop()
+                self._silenced.pop()
                 raise
 
     def extend(self, values: Iterable[Any]) -> None:
@@ -150,36 +161,46 @@ class List(Trackable, MutableSequence[Any]):
         if isinstance(index, slice):
             new = [self._store(v) for v in value]
             self._mark_mutated("slice assignment", *new)
-            self._storage[index] = new
+            values = [v for v, _ in new]
+            self._storage[index] = values  # raises (changing nothing) on a bad length
+            self._silenced[index] = [s for _, s in new]
         else:
-            new_value = self._store(value)
+            new_value, silenced = self._store(value)
             if self._storage[index] is not new_value:
-                self._mark_mutated("item replacement", new_value)
+                self._mark_mutated("item replacement", (new_value, silenced))
             self._storage[index] = new_value
+            self._silenced[index] = silenced
         self._retrack()
 
     def __delitem__(self, index: SupportsIndex | slice) -> None:
         self._mark_mutated("deletion")
         del self._storage[index]
+        del self._silenced[index]
         self._retrack()
 
     def insert(self, index: SupportsIndex, value: Any) -> None:
         if int(index) >= len(self._storage):
             self.append(value)
             return
-        value = self._store(value)
-        self._mark_mutated("insert", value)
-        self._storage.insert(index, value)
+        stored = self._store(value)
+        self._mark_mutated("insert", stored)
+        self._storage.insert(index, stored[0])
+        self._silenced.insert(index, stored[1])
         self._retrack()
 
     def sort(self, *, key: Any = None, reverse: bool = False) -> None:
         self._mark_mutated("sort")
-        self._storage.sort(key=key, reverse=reverse)
+        order = list(range(len(self._storage)))
+        items = self._storage
+        order.sort(key=(lambda i: key(items[i])) if key else (lambda i: items[i]), reverse=reverse)
+        self._storage[:] = [items[i] for i in order]
+        self._silenced[:] = [self._silenced[i] for i in order]
         self._retrack()
 
     def reverse(self) -> None:
         self._mark_mutated("reverse")
         self._storage.reverse()
+        self._silenced.reverse()
         self._retrack()
 
     # Reading ----------------------------------------------------------------

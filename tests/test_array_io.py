@@ -595,3 +595,30 @@ def test_read_rejects_destination_of_another_shape_or_dtype(tmp_path):
         with pytest.raises(CorruptCheckpointError):
             array_io.read_arrays(storage, [("v", layout, out)], by_key(files))
         assert np.array_equal(out, before)
+
+
+def test_ctrl_c_waits_for_running_chunk_tasks_and_skips_the_rest() -> None:
+    """An interrupt must not return while a worker still writes (an abort would race it)."""
+    import _thread
+    import threading
+    import time
+
+    started = threading.Event()
+    finished: list[int] = []
+
+    def slow(index: int) -> None:
+        started.set()
+        if index == 0:
+            _thread.interrupt_main()  # Ctrl-C arrives while this task runs
+        time.sleep(0.3)
+        finished.append(index)
+
+    tasks = [(1, (lambda i=i: slow(i))) for i in range(50)]
+    options = CheckpointOptions(threads=2, inflight_bytes=1 << 20)
+    with pytest.raises(KeyboardInterrupt):
+        array_io.run_tasks(tasks, options, array_io.IOStats())
+    done = list(finished)
+    time.sleep(0.5)
+    assert started.is_set() and 0 in done  # the running task ended before the raise
+    assert finished == done  # and nothing ran after it
+    assert len(done) < 10  # the rest were cancelled, not run

@@ -192,6 +192,8 @@ def test_ctrl_c_during_a_demo_exits_130_with_one_line(tmp_path):
     assert infos and all(info.committed for info in infos), infos
     for info in infos:
         zc.verify(info.path)
+    # Nor is anything left for gc: the workers ended before the save was aborted.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # A closed pipe -----------------------------------------------------------------

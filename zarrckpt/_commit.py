@@ -442,7 +442,16 @@ class LocalCommit(Commit):
                 raise
 
     def abort(self) -> None:
-        shutil.rmtree(self.temp_path, ignore_errors=True)
+        # A second Ctrl-C must not cut the cleanup short and leave the directory.
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                shutil.rmtree(self.temp_path, ignore_errors=True)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
 
 class ObjectStoreCommit(Commit):

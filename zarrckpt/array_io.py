@@ -292,6 +292,43 @@ class IOStats:
 Task = tuple[int, Callable[[], Any]]  # (bytes in flight while it runs, work)
 
 
+_pool_numbers = itertools.count()  # unique thread names per run: see _shut_down
+
+
+def _shut_down(
+    pool: ThreadPoolExecutor,
+    name: str,
+    *,
+    cancel: bool,
+    failed: threading.Event | None = None,
+) -> None:
+    """Wait until no task of ``pool`` runs any more, even through Ctrl-C.
+
+    A caller that goes on while tasks still write (an abort removing the
+    temporary directory, say) would race them: files could reappear after the
+    cleanup. So an interrupt during the wait cancels the tasks not started,
+    waits for the running ones (each a single chunk), then is raised.
+    """
+    interrupted: BaseException | None = None
+    prefix = f"{name}_"  # ThreadPoolExecutor names its threads <name>_<n>
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=cancel)
+            # A worker whose start() was interrupted is running but unknown to
+            # the pool (it records a thread once start() returns): join by name.
+            for thread in threading.enumerate():
+                if thread.name.startswith(prefix) and thread is not threading.current_thread():
+                    thread.join()
+            break
+        except BaseException as exc:  # KeyboardInterrupt, or another async exception
+            interrupted = interrupted or exc
+            cancel = True
+            if failed is not None:
+                failed.set()
+    if interrupted is not None:
+        raise interrupted
+
+
 def run_tasks(tasks: list[Task], options: CheckpointOptions, stats: IOStats) -> list[Any]:
     """Run tasks on a thread pool, admitting each only when its bytes fit the budget.
 
@@ -311,13 +348,20 @@ def run_tasks(tasks: list[Task], options: CheckpointOptions, stats: IOStats) -> 
             budget.release(amount)
 
     futures: list[Future[Any]] = []
-    with ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="zarrckpt-io") as pool:
+    name = f"zarrckpt-io-{next(_pool_numbers)}"
+    pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix=name)
+    try:
         for cost, work in tasks:
             amount = budget.acquire(cost)
             if failed.is_set():
                 budget.release(amount)
                 break
             futures.append(pool.submit(admitted, amount, work))
+    except BaseException:  # Ctrl-C while admitting: stop, but let running tasks end
+        failed.set()
+        _shut_down(pool, name, cancel=True)
+        raise
+    _shut_down(pool, name, cancel=False, failed=failed)
     stats.seconds += time.perf_counter() - start
     stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, budget.peak)
     for future in futures:

@@ -254,3 +254,24 @@ def test_a_misspelled_key_suggests_the_closest_keys(tmp_path, model):
     with pytest.raises(VariableNotFoundError, match=r"; 5 keys in all$"):
         zc.load_variable(path, "optimizer")  # nothing close: no unrelated suggestions
     assert len(model_variables(model)) == 5
+
+
+# Where plain zarr reads a checkpoint ------------------------------------------------
+
+
+def test_zarr_group_url_local_and_s3(tmp_path, model, s3_url, s3_storage_options):
+    import zarr
+
+    local = zc.Checkpoint(model=model).write(tmp_path / "c")
+    assert zc.zarr_group_url(local) == local
+    so = s3_storage_options
+    remote = zc.Checkpoint(model=model).write(f"{s3_url}/c", storage_options=so)
+    url = zc.zarr_group_url(remote, so)
+    assert url.startswith(f"{remote}/attempt-") and len(url) == len(remote) + 1 + 8 + 32
+    group = zarr.open_group(url, mode="r", storage_options=so)
+    np.testing.assert_array_equal(
+        group["model/embedding/.ATTRIBUTES/VARIABLE_VALUE"][...], model.embedding.numpy()
+    )
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="not a committed checkpoint"):
+        zc.zarr_group_url(tmp_path / "unfinished")

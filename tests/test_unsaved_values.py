@@ -572,3 +572,16 @@ def test_tuples_of_trackables_no_dependency_private_and_inside_containers(tmp_pa
         f"{HIDDEN_HEAD}m._private, m/layers[0], m/heads['pair']{HIDDEN_TAIL}"
     )
     assert saved_keys(path) == []
+
+
+def test_a_module_filter_matches_the_callers_module(tmp_path: Path) -> None:
+    m = Module()
+    m.stats = np.zeros(2)
+    with recorded() as caught:
+        warnings.filterwarnings("ignore", category=UnsavedValueWarning, module=__name__)
+        zc.Checkpoint(m=m).write(tmp_path / "ignored")
+    assert unsaved_warnings(caught) == []
+    with recorded() as caught:
+        warnings.filterwarnings("ignore", category=UnsavedValueWarning, module="elsewhere")
+        zc.Checkpoint(m=m).write(tmp_path / "shown")
+    assert len(unsaved_warnings(caught)) == 1

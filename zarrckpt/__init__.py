@@ -33,6 +33,7 @@ from zarrckpt.inspection import (
     load_variable,
     object_metadata,
     open_variable,
+    zarr_group_url,
 )
 from zarrckpt.manager import CheckpointManager
 from zarrckpt.optimizer import Optimizer
@@ -98,4 +99,5 @@ __all__ = [
     "open_variable",
     "split_dependency",
     "verify",
+    "zarr_group_url",
 ]

@@ -17,7 +17,12 @@ import numpy as np
 
 from zarrckpt._dtypes import dtype_name
 from zarrckpt._keys import attribute_key, escape_name, slot_variable_path
-from zarrckpt.errors import UnsavedValueWarning, UnsupportedValueError, caller_location
+from zarrckpt.errors import (
+    UnsavedValueWarning,
+    UnsupportedValueError,
+    caller_location,
+    caller_module,
+)
 from zarrckpt.optimizer import Optimizer
 from zarrckpt.record import (
     ChildReference,
@@ -259,4 +264,7 @@ def _warn_unsaved(view: GraphView) -> None:
             "Assign a list (tracked) instead."
         )
     if parts:
-        warnings.warn_explicit(" ".join(parts), UnsavedValueWarning, *caller_location())
+        filename, lineno = caller_location()
+        warnings.warn_explicit(
+            " ".join(parts), UnsavedValueWarning, filename, lineno, module=caller_module()
+        )

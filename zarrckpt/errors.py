@@ -37,6 +37,7 @@ __all__ = [
     "VariableNotFoundError",
     "ZarrckptError",
     "caller_location",
+    "caller_module",
 ]
 
 
@@ -148,6 +149,22 @@ class UnsavedValueWarning(UserWarning):
     number or a tuple holding them in an attribute is not saved. Raised once
     per save, naming every such attribute and pointing at the caller's line.
     """
+
+
+def caller_module() -> str:
+    """The module name of the first frame outside zarrckpt (``module=`` of warn_explicit).
+
+    With it, ``warnings.filterwarnings(..., module="mytrainer")`` matches a
+    warning zarrckpt points at the user's code.
+    """
+    frame = sys._getframe(1)
+    package = os.path.dirname(__file__)
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith("<")
+        or os.path.dirname(frame.f_code.co_filename) == package
+    ):
+        frame = frame.f_back
+    return str(frame.f_globals.get("__name__", "__main__"))
 
 
 def caller_location() -> tuple[str, int]:

@@ -28,6 +28,7 @@ __all__ = [
     "load_variable",
     "object_metadata",
     "open_variable",
+    "zarr_group_url",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -42,6 +43,21 @@ def object_metadata(path: PathLike, storage_options: dict[str, Any] | None = Non
         'model'
     """
     return open_committed(path, storage_options).graph
+
+
+def zarr_group_url(path: PathLike, storage_options: dict[str, Any] | None = None) -> str:
+    """The URL of the committed checkpoint's Zarr group, for plain zarr or tensorstore.
+
+    On local disks that is ``path`` itself; on object stores it is the attempt
+    prefix that ``_COMMIT`` names (``.../ckpt-3/attempt-<32 hex>``). The
+    manifest and the record are checked first, so a damaged or unfinished
+    checkpoint raises instead of pointing a reader at it.
+
+    Example:
+        >>> url = zarr_group_url("s3://bucket/run/ckpt-3", storage_options=so)  # doctest: +SKIP
+        >>> zarr.open_group(url, mode="r", storage_options=so)  # doctest: +SKIP
+    """
+    return open_committed(path, storage_options).storage.url
 
 
 def list_variables(

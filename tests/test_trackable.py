@@ -16,6 +16,7 @@ from zarrckpt.errors import (
     InvalidKeyError,
     NonAppendMutationError,
     ShapeMismatchError,
+    UnsavedValueWarning,
     UnsupportedDTypeError,
 )
 
@@ -139,7 +140,8 @@ def test_reassigning_non_trackable_removes_dependency(tmp_path: Path) -> None:
     assert obj.w == 3
     assert obj._lookup_dependency("w") is None
     assert [name for name, _ in obj._checkpoint_dependencies()] == ["keep"]
-    path = zc.Checkpoint(o=obj).write(tmp_path / "c")
+    with pytest.warns(UnsavedValueWarning, match=r"not saved: o\.w \(int\)\."):
+        path = zc.Checkpoint(o=obj).write(tmp_path / "c")
     assert saved_keys(path) == ["o/keep/.ATTRIBUTES/VARIABLE_VALUE"]
 
 

@@ -76,6 +76,15 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``zarrckpt ARGV...`` in this process: exit code, stdout, stderr."""
+    from zarrckpt.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def traced_peak(action) -> int:
     """Peak bytes Python and numpy allocated while ``action()`` ran (tracemalloc)."""
     tracemalloc.start()

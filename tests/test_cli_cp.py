@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
-from zarrckpt.cli import main
+from tests.conftest import Model, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -35,7 +28,7 @@ def _same(a, b, so=None) -> None:
 
 
 def test_destination_ending_in_a_slash_is_a_directory_to_copy_into(source, tmp_path, capsys):
-    code, out, err = _run(capsys, "cp", str(source), f"{tmp_path / 'backup'}/")
+    code, out, err = run_cli(capsys, "cp", str(source), f"{tmp_path / 'backup'}/")
     assert (code, err) == (0, "")
     copy = tmp_path / "backup" / "ckpt-5"
     assert out.startswith(f"copied {source} -> {copy} (")
@@ -47,25 +40,25 @@ def test_destination_ending_in_a_slash_is_a_directory_to_copy_into(source, tmp_p
 def test_existing_directory_that_is_not_a_checkpoint(source, tmp_path, capsys):
     (tmp_path / "backup").mkdir()
     (tmp_path / "backup" / "other-file").write_text("kept")
-    code, _, _ = _run(capsys, "cp", str(source), str(tmp_path / "backup"))
+    code, _, _ = run_cli(capsys, "cp", str(source), str(tmp_path / "backup"))
     assert code == 0
     zc.verify(tmp_path / "backup" / "ckpt-5")
     assert (tmp_path / "backup" / "other-file").read_text() == "kept"
     # The source given with a trailing slash is named the same.
-    code, _, err = _run(capsys, "cp", f"{source}/", str(tmp_path / "backup"))
+    code, _, err = run_cli(capsys, "cp", f"{source}/", str(tmp_path / "backup"))
     assert code == 5 and "already exists" in err  # backup/ckpt-5 is there now
 
 
 def test_an_existing_checkpoint_is_not_a_directory_to_copy_into(source, tmp_path, capsys):
     other = zc.Checkpoint(model=Model(seed=4)).write(tmp_path / "other")
-    code, out, err = _run(capsys, "cp", str(source), other)
+    code, out, err = run_cli(capsys, "cp", str(source), other)
     assert (code, out) == (5, "")
     assert len(err.splitlines()) == 1 and "already exists" in err
     assert not (Path(other) / "ckpt-5").exists()
 
 
 def test_a_new_name_is_the_copy_itself(source, tmp_path, capsys):
-    code, _, _ = _run(capsys, "cp", str(source), str(tmp_path / "renamed"))
+    code, _, _ = run_cli(capsys, "cp", str(source), str(tmp_path / "renamed"))
     assert code == 0
     zc.verify(tmp_path / "renamed")
     assert not (tmp_path / "renamed" / "ckpt-5").exists()
@@ -74,7 +67,7 @@ def test_a_new_name_is_the_copy_itself(source, tmp_path, capsys):
 def test_into_an_s3_prefix_and_back(source, tmp_path, capsys, s3_url, s3_storage_options):
     so = s3_storage_options
     options = json.dumps(so)
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "cp", str(source), f"{s3_url}/backups/", "--storage-options", options
     )
     assert (code, err) == (0, ""), err
@@ -86,11 +79,13 @@ def test_into_an_s3_prefix_and_back(source, tmp_path, capsys, s3_url, s3_storage
     fs, _ = fsspec.core.url_to_fs(s3_url, **so)
     fs.invalidate_cache()
     other = zc.Checkpoint(model=Model(seed=3)).write(tmp_path / "ckpt-6")
-    code, _, err = _run(capsys, "cp", other, f"{s3_url}/backups", "--storage-options", options)
+    code, _, err = run_cli(capsys, "cp", other, f"{s3_url}/backups", "--storage-options", options)
     assert (code, err) == (0, "")
     zc.verify(f"{s3_url}/backups/ckpt-6", so)
     # Back down into a local directory.
     (tmp_path / "down").mkdir()
-    code, _, err = _run(capsys, "--storage-options", options, "cp", remote, str(tmp_path / "down"))
+    code, _, err = run_cli(
+        capsys, "--storage-options", options, "cp", remote, str(tmp_path / "down")
+    )
     assert (code, err) == (0, "")
     zc.verify(tmp_path / "down" / "ckpt-5")

@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 
 import zarrckpt as zc
-from zarrckpt.cli import main
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
 W = "model/w/.ATTRIBUTES/VARIABLE_VALUE"  # equal on both sides: same bytes, same CRCs
 V = "model/v/.ATTRIBUTES/VARIABLE_VALUE"  # differs by 0.5 in one place
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -56,10 +50,10 @@ CORRUPTIONS = {
 
 def test_the_undamaged_pair_differs_in_v_only(pair, capsys):
     a, b = pair
-    code, out, err = _run(capsys, "diff", "--values", str(a), str(b))
+    code, out, err = run_cli(capsys, "diff", "--values", str(a), str(b))
     assert (code, err) == (1, "")
     assert out.splitlines() == [f"~ {V}: max abs difference 0.5"]
-    code, out, _ = _run(capsys, "diff", "--values", str(a), str(a))
+    code, out, _ = run_cli(capsys, "diff", "--values", str(a), str(a))
     assert (code, out) == (0, "no differences\n")
 
 
@@ -70,7 +64,7 @@ def test_a_damaged_value_on_either_side_is_an_error(pair, capsys, side, corrupti
     damaged = a if side == "a" else b
     relative, damage = CORRUPTIONS[corruption]
     damage(damaged / relative)
-    code, out, err = _run(capsys, "diff", "--values", str(a), str(b))
+    code, out, err = run_cli(capsys, "diff", "--values", str(a), str(b))
     assert code == 4, (out, err)
     assert "no differences" not in out
     lines = err.splitlines()
@@ -78,7 +72,7 @@ def test_a_damaged_value_on_either_side_is_an_error(pair, capsys, side, corrupti
     assert "Traceback" not in err
     assert f"{damaged}/{W}" in lines[0]
     # Without --values only the manifests are compared: the same keys differ.
-    code, out, _ = _run(capsys, "diff", str(a), str(b))
+    code, out, _ = run_cli(capsys, "diff", str(a), str(b))
     assert (code, out.splitlines()) == (1, [f"~ {V}"])
 
 
@@ -91,7 +85,7 @@ def test_values_compared_in_blocks_across_other_chunkings(tmp_path, capsys, monk
     ckpt = zc.Checkpoint(model=model)
     a = ckpt.write(tmp_path / "a", options=zc.CheckpointOptions(chunk_bytes=7 * 30 * 4))
     b = ckpt.write(tmp_path / "b", options=zc.CheckpointOptions(chunk_bytes=3 * 30 * 4))
-    code, out, _ = _run(capsys, "diff", "--values", a, b)
+    code, out, _ = run_cli(capsys, "diff", "--values", a, b)
     assert (code, out) == (0, "no differences\n")  # other chunks, the same values
     changed = values.copy()
     changed[0, 0] += 0.25
@@ -100,7 +94,7 @@ def test_values_compared_in_blocks_across_other_chunkings(tmp_path, capsys, monk
     changed[51, 3] = np.nan
     model.x.assign(changed)
     c = ckpt.write(tmp_path / "c", options=zc.CheckpointOptions(chunk_bytes=3 * 30 * 4))
-    code, out, _ = _run(capsys, "diff", "--values", a, c)
+    code, out, _ = run_cli(capsys, "diff", "--values", a, c)
     assert code == 1
     assert out.splitlines() == [
         "~ model/x/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 2, 2 values NaN in one only"
@@ -114,7 +108,7 @@ def test_large_integers_that_float64_rounds_alike_still_differ(tmp_path, capsys)
     a = ckpt.write(tmp_path / "a")
     model.n.assign(np.array([2**53 + 1, 7], np.int64))
     b = ckpt.write(tmp_path / "b")
-    code, out, _ = _run(capsys, "diff", "--values", a, b)
+    code, out, _ = run_cli(capsys, "diff", "--values", a, b)
     assert code == 1
     assert out.splitlines() == ["~ model/n/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 1"]
 
@@ -126,6 +120,6 @@ def test_scalars_are_compared(tmp_path, capsys):
     a = ckpt.write(tmp_path / "a")
     model.s.assign(np.float32(3.5))
     b = ckpt.write(tmp_path / "b")
-    code, out, _ = _run(capsys, "diff", "--values", a, b)
+    code, out, _ = run_cli(capsys, "diff", "--values", a, b)
     assert code == 1
     assert out.splitlines() == ["~ model/s/.ATTRIBUTES/VARIABLE_VALUE: max abs difference 2.5"]

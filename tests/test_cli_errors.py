@@ -16,18 +16,12 @@ from pathlib import Path
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
+from tests.conftest import Model, run_cli
 from zarrckpt.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
 ROOT = Path(zc.__file__).resolve().parents[1]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _usage(capsys, *argv: str) -> tuple[int, str]:
@@ -69,21 +63,21 @@ def test_an_unexpected_exception_is_one_line_naming_its_type(checkpoint, capsys,
         raise RuntimeError("disk on fire\nsecond line")
 
     monkeypatch.setattr(zc, "list_checkpoints", broken)
-    code, out, err = _run(capsys, "ls", str(checkpoint.parent))
+    code, out, err = run_cli(capsys, "ls", str(checkpoint.parent))
     assert code == 5 and out == ""
     assert _one_error_line(err) == "zarrckpt: error: RuntimeError: disk on fire\\nsecond line"
 
 
 def test_an_unknown_s3_option_is_one_line(capsys):
     # s3fs hands unknown options to aiobotocore, which raises TypeError.
-    code, _, err = _run(capsys, "ls", "s3://bucket/run", "--storage-options", '{"bogus": 1}')
+    code, _, err = run_cli(capsys, "ls", "s3://bucket/run", "--storage-options", '{"bogus": 1}')
     assert code == 5
     line = _one_error_line(err)
     assert line.startswith("zarrckpt: error: TypeError: ") and "bogus" in line
 
 
 def test_an_unknown_protocol_is_one_line(capsys):
-    code, out, err = _run(capsys, "ls", "nosuchprotocol://bucket/run")
+    code, out, err = run_cli(capsys, "ls", "nosuchprotocol://bucket/run")
     assert code == 5 and out == ""
     assert "nosuchprotocol" in _one_error_line(err)
 
@@ -155,7 +149,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, said):
 
 def test_dot_without_graphviz_is_one_line(checkpoint, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr("shutil.which", lambda _name: None)
-    code, _, err = _run(capsys, "dot", str(checkpoint), "--png", str(tmp_path / "g.png"))
+    code, _, err = run_cli(capsys, "dot", str(checkpoint), "--png", str(tmp_path / "g.png"))
     assert code == 5
     assert _one_error_line(err) == ("zarrckpt: error: --png needs Graphviz's 'dot' program on PATH")
 
@@ -244,6 +238,6 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(checkpoint, capsys, monkey
 
     monkeypatch.setattr(zc, "verify", broken)
     monkeypatch.setattr("zarrckpt.cli._stdout_closed", lambda: False)
-    code, _, err = _run(capsys, "verify", str(checkpoint))
+    code, _, err = run_cli(capsys, "verify", str(checkpoint))
     assert code == 5
     assert _one_error_line(err) == "zarrckpt: error: [Errno 32] Broken pipe"

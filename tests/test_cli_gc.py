@@ -11,19 +11,12 @@ import fsspec
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
-from zarrckpt.cli import main
+from tests.conftest import Model, run_cli
 from zarrckpt.directory import format_size, gc_report, remove_leftovers
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
 OLD = 1_000_000_000  # 2001
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _age(path: Path, seconds_ago: float | None = None, at: float | None = None) -> None:
@@ -59,7 +52,7 @@ def leftovers(run_dir) -> tuple[Path, Path]:
 def test_dry_run_lists_what_would_go_and_removes_nothing(run_dir, leftovers, capsys):
     old, young = leftovers
     before = sorted(str(p) for p in run_dir.rglob("*"))
-    code, out, err = _run(capsys, "gc", "--dry-run", str(run_dir))
+    code, out, err = run_cli(capsys, "gc", "--dry-run", str(run_dir))
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].startswith(f"would remove {old} (2.0 KiB, last changed ")
@@ -81,7 +74,7 @@ def test_dry_run_lists_what_would_go_and_removes_nothing(run_dir, leftovers, cap
 
 def test_gc_removes_the_old_and_says_why_it_kept_the_young(run_dir, leftovers, capsys):
     old, young = leftovers
-    code, out, _ = _run(capsys, "gc", str(run_dir), "--older-than", "7200")
+    code, out, _ = run_cli(capsys, "gc", str(run_dir), "--older-than", "7200")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith(f"removed {old} (2.0 KiB, last changed ")
@@ -99,7 +92,7 @@ def test_gc_says_it_keeps_uncommitted_and_damaged_directories(run_dir, capsys):
     (run_dir / "ckpt-9" / "notes").write_bytes(b"n" * 10)
     commit = run_dir / "ckpt-2" / "_COMMIT"
     commit.write_bytes(commit.read_bytes()[:-1])
-    code, out, _ = _run(capsys, "gc", "--older-than", "0", str(run_dir))
+    code, out, _ = run_cli(capsys, "gc", "--older-than", "0", str(run_dir))
     assert code == 0
     lines = out.splitlines()
     assert (
@@ -148,7 +141,7 @@ def test_s3_dry_run_and_kept_attempts(capsys, s3_url, s3_storage_options):
     fs.pipe_file(f"{s3_url}/run/ckpt-2/_COMMIT", b"not a manifest")
     unknown = f"{s3_url}/run/ckpt-2/attempt-{'e' * 32}"
     fs.pipe_file(f"{unknown}/zarr.json", b"e" * 50)
-    code, out, _ = _run(capsys, "gc", f"{s3_url}/run", "--storage-options", options)
+    code, out, _ = run_cli(capsys, "gc", f"{s3_url}/run", "--storage-options", options)
     assert code == 0
     assert f"kept {dead} (300 B): too young: last changed " in out
     assert "under the threshold of 1.0 h (a writer may still be using it)" in out
@@ -156,7 +149,7 @@ def test_s3_dry_run_and_kept_attempts(capsys, s3_url, s3_storage_options):
         f"kept {unknown} (50 B): its checkpoint's _COMMIT cannot be read (damaged, or a newer "
         "format), so gc cannot tell whether it is the committed data"
     ) in out
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, "gc", f"{s3_url}/run", "--storage-options", options, "--older-than", "0",
         "--dry-run",
     )  # fmt: skip
@@ -165,7 +158,7 @@ def test_s3_dry_run_and_kept_attempts(capsys, s3_url, s3_storage_options):
     assert "1 leftovers would be removed (300 B), 1 kept; nothing was removed" in out
     fs.invalidate_cache()
     assert fs.exists(f"{dead}/zarr.json")
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, "gc", f"{s3_url}/run", "--storage-options", options, "--older-than", "0"
     )
     assert code == 0 and f"removed {dead} (300 B" in out

@@ -11,19 +11,12 @@ import numpy as np
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
-from zarrckpt.cli import main
+from tests.conftest import Model, run_cli
 from zarrckpt.directory import format_size
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
 
 EMBEDDING = "model/embedding/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -59,7 +52,7 @@ def test_ls_shows_a_leftover_with_its_size_on_disk(run_dir, capsys):
     (leftover / "model").mkdir(parents=True)
     (leftover / "model" / "chunk").write_bytes(b"x" * 3000)
     (leftover / "zarr.json").write_bytes(b"{}")
-    code, out, _ = _run(capsys, "ls", str(run_dir))
+    code, out, _ = run_cli(capsys, "ls", str(run_dir))
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert rows["7"].split()[3:7] == ["2.9", "KiB", "NOT", "COMMITTED"]  # 3002 bytes
@@ -77,17 +70,17 @@ def test_ls_of_an_uncommitted_s3_prefix_shows_its_size(capsys, s3_url, s3_storag
     attempt = f"attempt-{'a' * 32}"
     fs.pipe_file(f"{s3_url}/run/ckpt-3/{attempt}/model/c/0", b"y" * 5000)
     options = json.dumps(s3_storage_options)
-    code, out, _ = _run(capsys, "ls", f"{s3_url}/run", "--storage-options", options)
+    code, out, _ = run_cli(capsys, "ls", f"{s3_url}/run", "--storage-options", options)
     assert code == 0
     row = out.splitlines()[1]
     assert row.split()[0] == "3" and row.split()[3:7] == ["4.9", "KiB", "NOT", "COMMITTED"]
 
 
 def test_ls_of_a_checkpoint_lists_its_variables(run_dir, capsys):
-    code, out, _ = _run(capsys, "ls", str(run_dir / "ckpt-2"))
+    code, out, _ = run_cli(capsys, "ls", str(run_dir / "ckpt-2"))
     assert code == 0
     assert "no checkpoints" not in out
-    _, shown, _ = _run(capsys, "show", str(run_dir / "ckpt-2"))
+    _, shown, _ = run_cli(capsys, "show", str(run_dir / "ckpt-2"))
     assert out == shown
     row = next(line for line in out.splitlines() if line.startswith(EMBEDDING))
     assert row.split()[1:6] == ["[10,", "6]", "float32", "240", "B"]
@@ -97,7 +90,7 @@ def test_show_sizes_are_human(capsys, tmp_path):
     model = zc.AutoTrackable()
     model.big = zc.Variable(np.zeros((1024, 768), np.float32))  # 3 MiB
     path = zc.Checkpoint(model=model).write(tmp_path / "c")
-    code, out, _ = _run(capsys, "show", path)
+    code, out, _ = run_cli(capsys, "show", path)
     assert code == 0
     assert "3.0 MiB" in next(line for line in out.splitlines() if line.startswith("model/big"))
     assert out.splitlines()[2].endswith(format_size(zc.verify(path).nbytes))
@@ -106,7 +99,7 @@ def test_show_sizes_are_human(capsys, tmp_path):
 def test_ls_json(run_dir, capsys):
     (run_dir / "ckpt-5").mkdir()
     (run_dir / "ckpt-5" / "x").write_bytes(b"z" * 10)
-    code, out, err = _run(capsys, "ls", str(run_dir), "--json")
+    code, out, err = run_cli(capsys, "ls", str(run_dir), "--json")
     assert (code, err) == (0, "")
     document = json.loads(out)
     assert document["directory"] == str(run_dir)
@@ -133,13 +126,13 @@ def test_ls_json(run_dir, capsys):
 
 
 def test_ls_json_of_an_empty_directory(capsys, tmp_path):
-    code, out, _ = _run(capsys, "ls", "--json", str(tmp_path))
+    code, out, _ = run_cli(capsys, "ls", "--json", str(tmp_path))
     assert code == 0 and json.loads(out) == {"directory": str(tmp_path), "checkpoints": []}
 
 
 def test_show_json(run_dir, capsys):
     path = run_dir / "ckpt-2"
-    code, out, err = _run(capsys, "show", str(path), "--json")
+    code, out, err = run_cli(capsys, "show", str(path), "--json")
     assert (code, err) == (0, "")
     document = json.loads(out)
     assert set(document) == {
@@ -159,12 +152,12 @@ def test_show_json(run_dir, capsys):
         "codecs": ["bytes", "crc32c"],
     }
     # ls of the checkpoint gives the same document.
-    code, listed, _ = _run(capsys, "ls", "--json", str(path))
+    code, listed, _ = run_cli(capsys, "ls", "--json", str(path))
     assert code == 0 and json.loads(listed) == document
 
 
 def test_show_tree_json(run_dir, capsys):
-    code, out, _ = _run(capsys, "show", "--tree", "--json", str(run_dir / "ckpt-1"))
+    code, out, _ = run_cli(capsys, "show", "--tree", "--json", str(run_dir / "ckpt-1"))
     assert code == 0
     nodes = json.loads(out)["nodes"]
     graph = zc.object_metadata(run_dir / "ckpt-1")
@@ -181,7 +174,7 @@ def test_show_tree_json(run_dir, capsys):
 
 def test_verify_json(run_dir, capsys):
     path = run_dir / "ckpt-1"
-    code, out, err = _run(capsys, "verify", "--json", str(path))
+    code, out, err = run_cli(capsys, "verify", "--json", str(path))
     assert (code, err) == (0, "")
     document = json.loads(out)
     assert set(document) == {
@@ -201,12 +194,12 @@ def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(run_dir, capsy
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0x10
     chunk.write_bytes(bytes(data))
-    code, out, err = _run(capsys, "verify", "--json", str(run_dir / "ckpt-1"))
+    code, out, err = run_cli(capsys, "verify", "--json", str(run_dir / "ckpt-1"))
     assert (code, out) == (4, "")
     assert len(err.splitlines()) == 1 and err.startswith("zarrckpt: error: ")
     assert f"{EMBEDDING}/c/0/0" in err
     for command in ("show", "ls"):
-        code, out, err = _run(capsys, command, "--json", str(run_dir / "nowhere"))
+        code, out, err = run_cli(capsys, command, "--json", str(run_dir / "nowhere"))
         assert (code, out) == (3, ""), command
         assert len(err.splitlines()) == 1 and err.startswith("zarrckpt: error: ")
 
@@ -214,7 +207,7 @@ def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(run_dir, capsy
 def test_ls_of_a_damaged_commit_lists_its_damage_in_json(run_dir, capsys):
     commit = run_dir / "ckpt-2" / "_COMMIT"
     commit.write_bytes(commit.read_bytes()[:-3])
-    code, out, _ = _run(capsys, "ls", "--json", str(run_dir))
+    code, out, _ = run_cli(capsys, "ls", "--json", str(run_dir))
     assert code == 0
     damaged = json.loads(out)["checkpoints"][1]
     assert damaged["state"] == "DAMAGED" and damaged["committed"] is False
@@ -222,6 +215,6 @@ def test_ls_of_a_damaged_commit_lists_its_damage_in_json(run_dir, capsys):
         f.stat().st_size for f in (run_dir / "ckpt-2").rglob("*") if f.is_file()
     )
     # ls of the damaged checkpoint itself: it holds a _COMMIT, which cannot be read.
-    code, out, err = _run(capsys, "ls", str(run_dir / "ckpt-2"))
+    code, out, err = run_cli(capsys, "ls", str(run_dir / "ckpt-2"))
     assert (code, out) == (4, "") and len(err.splitlines()) == 1
     assert os.path.exists(commit)

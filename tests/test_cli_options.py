@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
+from tests.conftest import Model, run_cli
 from zarrckpt.cli import _build_parser, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_storage_options_after_the_command(capsys, s3_url, s3_storage_options):
@@ -26,7 +20,7 @@ def test_storage_options_after_the_command(capsys, s3_url, s3_storage_options):
     path = zc.Checkpoint(model=Model(seed=0)).write(
         f"{s3_url}/run/ckpt-1", storage_options=s3_storage_options
     )
-    code, out, err = _run(capsys, "ls", f"{s3_url}/run", "--storage-options", options)
+    code, out, err = run_cli(capsys, "ls", f"{s3_url}/run", "--storage-options", options)
     assert (code, err) == (0, "")
     assert out.splitlines()[1].split()[0] == "1" and "committed" in out
     for argv in (
@@ -35,7 +29,7 @@ def test_storage_options_after_the_command(capsys, s3_url, s3_storage_options):
         ["diff", path, path, "--storage-options", options, "--values"],
         ["gc", f"{s3_url}/run", "--storage-options", options, "--dry-run"],
     ):
-        code, _, err = _run(capsys, *argv)
+        code, _, err = run_cli(capsys, *argv)
         assert (code, err) == (0, ""), argv
 
 
@@ -47,12 +41,12 @@ def test_storage_options_after_the_command_win_over_those_before(
     )
     wrong = json.dumps({**s3_storage_options, "secret": "wrong"})
     right = json.dumps(s3_storage_options)
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys, "--storage-options", wrong, "ls", f"{s3_url}/run", "--storage-options", right
     )
     assert code == 0 and "ckpt-1" in out
     # Given only before the command, they are used (not reset by the command's default).
-    code, out, _ = _run(capsys, "--storage-options", right, "ls", f"{s3_url}/run")
+    code, out, _ = run_cli(capsys, "--storage-options", right, "ls", f"{s3_url}/run")
     assert code == 0 and "ckpt-1" in out
 
 
@@ -90,5 +84,7 @@ def test_help_shows_positional_descriptions(capsys):
 
 def test_json_options_given_twice_on_local_paths(capsys, tmp_path: Path):
     path = zc.Checkpoint(model=Model(seed=0)).write(tmp_path / "c")
-    code, out, _ = _run(capsys, "--storage-options", "{}", "show", path, "--storage-options", "{}")
+    code, out, _ = run_cli(
+        capsys, "--storage-options", "{}", "show", path, "--storage-options", "{}"
+    )
     assert code == 0 and "model/embedding" in out

@@ -10,17 +10,10 @@ import fsspec
 import pytest
 
 import zarrckpt as zc
-from tests.conftest import Model
-from zarrckpt.cli import main
+from tests.conftest import Model, run_cli
 from zarrckpt.errors import CorruptCheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ def test_unlisted_files_are_reported_by_name(checkpoint):
 
 def test_cli_warns_and_strict_fails(checkpoint, capsys):
     (checkpoint / "notes.txt").write_text("a stray file")
-    code, out, err = _run(capsys, "verify", str(checkpoint))
+    code, out, err = run_cli(capsys, "verify", str(checkpoint))
     assert code == 0
     assert out.startswith(f"{checkpoint}: OK, ") and out.rstrip().endswith(
         "1 file not listed in the manifest (never read by zarrckpt): notes.txt"
@@ -65,13 +58,13 @@ def test_cli_warns_and_strict_fails(checkpoint, capsys):
         f"zarrckpt: warning: {checkpoint}: 1 file not listed in the manifest (never read by "
         "zarrckpt): notes.txt; --strict makes this an error\n"
     )
-    code, out, err = _run(capsys, "verify", "--strict", str(checkpoint))
+    code, out, err = run_cli(capsys, "verify", "--strict", str(checkpoint))
     assert (code, out) == (4, "")
     assert err == (
         f"zarrckpt: error: {checkpoint}: 1 file not listed in the manifest (never read by "
         "zarrckpt): notes.txt\n"
     )
-    code, out, _ = _run(capsys, "verify", "--json", str(checkpoint))
+    code, out, _ = run_cli(capsys, "verify", "--json", str(checkpoint))
     assert code == 0 and json.loads(out)["unlisted"] == ["notes.txt"]
 
 
@@ -96,5 +89,5 @@ def test_s3_unlisted_objects_but_not_other_attempts(capsys, s3_url, s3_storage_o
     fs.invalidate_cache()
     report = zc.verify(path, so)
     assert report.unlisted == ("README", f"{live_name}/model/stray")
-    code, _, err = _run(capsys, "verify", "--strict", path, "--storage-options", json.dumps(so))
+    code, _, err = run_cli(capsys, "verify", "--strict", path, "--storage-options", json.dumps(so))
     assert code == 4 and "2 files not listed in the manifest" in err

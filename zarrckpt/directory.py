@@ -403,14 +403,10 @@ def gc(
         >>> gc("s3://bucket/run", older_than=24 * 3600)  # doctest: +SKIP
         ['s3://bucket/run/ckpt-7/attempt-3f2a...']
     """
-    report = gc_report(
-        directory,
-        older_than,
-        storage_options,
-        checkpoint_name=checkpoint_name,
-        dry_run=dry_run,
+    removed = remove_leftovers(
+        directory, older_than, storage_options, checkpoint_name, dry_run=dry_run
     )
-    return [leftover.path for leftover in report.removed]
+    return [path for path, _ in removed]
 
 
 def remove_leftovers(

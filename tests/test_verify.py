@@ -106,8 +106,8 @@ def _rewrite_metadata(path: Path, key: str, **changes) -> None:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"chunk_shape": [2**40, 64]}, "within the array"),
-        ({"chunk_shape": [2**62, 64]}, "within the array"),
+        ({"chunk_shape": [2**40, 64]}, "does not fit the array"),
+        ({"chunk_shape": [2**62, 64]}, "does not fit the array"),
         ({"shape": [2**40, 64]}, "record says"),
         ({"data_type": "float99"}, "float99"),
         ({"data_type": "int32"}, "record says float32"),

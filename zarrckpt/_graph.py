@@ -31,7 +31,7 @@ from zarrckpt.record import (
     SavedAttribute,
     SlotVariableReference,
 )
-from zarrckpt.trackable import SaveContext, Trackable
+from zarrckpt.trackable import SaveContext, ShardInfo, Trackable
 
 __all__ = ["GraphView", "SavePlan", "build_save_plan", "list_objects", "traverse"]
 
@@ -110,10 +110,16 @@ def list_objects(root: Trackable) -> list[Trackable]:
 
 @dataclass
 class SavePlan:
-    """What one save writes: the record and every (key, array) pair."""
+    """What one save writes: the record and every (key, array) pair.
+
+    ``shards`` holds the keys whose array is one block of the saved value
+    (the record has the value's global shape): only a distributed save
+    (:mod:`zarrckpt.distributed`) writes those.
+    """
 
     graph: ObjectGraph
     arrays: list[tuple[str, np.ndarray[Any, Any]]]
+    shards: dict[str, ShardInfo] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +135,7 @@ def build_save_plan(root: Trackable) -> SavePlan:
     context = SaveContext()
     nodes = []
     arrays: list[tuple[str, np.ndarray[Any, Any]]] = []
+    shards: dict[str, ShardInfo] = {}
     for node_id, obj in enumerate(view.objects):
         path = view.paths[node_id]
         obj._check_saveable(path)
@@ -140,9 +147,11 @@ def build_save_plan(root: Trackable) -> SavePlan:
                 raise UnsupportedValueError(
                     f"{key}: expected a numpy array to save, got {type(array).__name__}"
                 )
-            attributes.append(
-                SavedAttribute(name, key, tuple(array.shape), dtype_name(array.dtype))
-            )
+            shard = saveable.shard()
+            shape = tuple(array.shape) if shard is None else shard.global_shape
+            if shard is not None:
+                shards[key] = shard
+            attributes.append(SavedAttribute(name, key, shape, dtype_name(array.dtype)))
             arrays.append((key, array))
         nodes.append(
             ObjectNode(
@@ -155,7 +164,7 @@ def build_save_plan(root: Trackable) -> SavePlan:
     graph = ObjectGraph(nodes=tuple(nodes))
     graph.validate()
     _warn_unsaved(view)
-    return SavePlan(graph=graph, arrays=arrays)
+    return SavePlan(graph=graph, arrays=arrays, shards=shards)
 
 
 _SHOWN = 20  # attribute paths named in the warning

@@ -62,7 +62,10 @@ __all__ = [
     "read_arrays",
     "read_checked",
     "read_layout",
+    "read_selection",
+    "selection_tasks",
     "write_arrays",
+    "write_chunk",
 ]
 
 _CRC_BYTES = 4
@@ -392,15 +395,20 @@ def _chunk_crc(data: memoryview | bytes, padding: bytes | bytearray = b"") -> in
     return crc32c.crc32c(padding, value=checksum) if padding else checksum
 
 
-def _write_chunk(
+def write_chunk(
     storage: Storage,
     key: str,
     layout: ArrayLayout,
     array: np.ndarray[Any, Any],
     coords: tuple[int, ...],
     stats: IOStats,
+    origin: tuple[int, ...] | None = None,
 ) -> ChunkFile:
-    data = _chunk_bytes(array, layout.region(coords)).data
+    """Write chunk ``coords``; ``array`` holds the value from ``origin`` (default: all of it)."""
+    region = layout.region(coords)
+    if origin is not None:
+        region = tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, origin, strict=True))
+    data = _chunk_bytes(array, region).data
     padding = bytes(layout.chunk_nbytes - data.nbytes)
     if layout.compression is not None:
         raw = memoryview(bytes(data) + padding) if padding else data
@@ -451,7 +459,7 @@ def write_arrays(
         # A compressed chunk holds its padded copy and its encoding at once.
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
         for coords in np.ndindex(*layout.grid):
-            tasks.append((cost, partial(_write_chunk, storage, key, layout, array, coords, stats)))
+            tasks.append((cost, partial(write_chunk, storage, key, layout, array, coords, stats)))
         parts = key.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
     group_json = group_metadata()
@@ -537,8 +545,7 @@ def parse_layout(
     if not ok or not isinstance(data_type, str):
         raise CorruptCheckpointError(
             f"{where}: array layout is not one zarrckpt format 1 writes "
-            "(regular grid split along leading axes, codecs bytes(little) [+ zstd or "
-            "blosc lz4] + crc32c)"
+            "(regular chunk grid, codecs bytes(little) [+ zstd or blosc lz4] + crc32c)"
         )
     compression = compression_from_metadata(codecs[1], where) if len(codecs) == 3 else None
     try:
@@ -546,15 +553,14 @@ def parse_layout(
     except UnsupportedDTypeError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
     layout = ArrayLayout(stored_shape, stored_dtype, chunk_shape, compression)
-    if (
-        len(chunk_shape) != len(stored_shape)
+    if len(chunk_shape) != len(stored_shape) or any(
         # zarrckpt's chunks never exceed the array (an empty axis has chunks of 1)
-        or any(not 1 <= c <= max(s, 1) for c, s in zip(chunk_shape, stored_shape, strict=True))
-        or not layout.is_contiguous_runs()
+        not 1 <= c <= max(s, 1)
+        for c, s in zip(chunk_shape, stored_shape, strict=True)
     ):
         raise CorruptCheckpointError(
-            f"{where}: chunk shape {list(chunk_shape)} of shape {list(stored_shape)} is not "
-            "split along leading axes only, within the array"
+            f"{where}: chunk shape {list(chunk_shape)} of shape {list(stored_shape)} does not "
+            "fit the array"
         )
     if shape is not None and stored_shape != tuple(shape):
         raise CorruptCheckpointError(
@@ -684,23 +690,49 @@ def read_selection(
 ) -> np.ndarray[Any, Any]:
     """Read ``array[selection]`` (one slice with step >= 1 per axis) touching only its chunks.
 
-    Each chunk that overlaps the selection is read whole (its CRC covers all of
-    it), admitted under the byte budget. A chunk that lies inside a selection of
-    whole trailing rows (``a[i:j]``, ``a[k, i:j]``, ``a[...]``) is read straight
-    into the result's memory; any other is read into a chunk-sized buffer and
-    its overlap copied into the result.
+    See :func:`selection_tasks`.
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats(progress=options.progress)
     ranges = [range(*s.indices(n)) for s, n in zip(selection, layout.shape, strict=True)]
     result = np.empty(tuple(len(r) for r in ranges), layout.dtype)
-    if result.size == 0:
-        return result
+    run_tasks(selection_tasks(storage, key, layout, selection, result, files, stats), options, stats)
+    return result
+
+
+def selection_tasks(
+    storage: Storage,
+    key: str,
+    layout: ArrayLayout,
+    selection: tuple[slice, ...],
+    out: np.ndarray[Any, Any],
+    files: Mapping[str, ChunkFile],
+    stats: IOStats,
+) -> list[Task]:
+    """Tasks that read ``array[selection]`` into ``out`` (of the selection's shape).
+
+    Each chunk that overlaps the selection is read whole (its CRC covers all of
+    it), admitted under the byte budget; no other chunk is read. A chunk whose
+    region is one contiguous run of a C-contiguous ``out`` (a selection of
+    whole trailing rows, ``a[i:j]``, ``a[k, i:j]``, ``a[...]``, of an array
+    chunked along leading axes) is read straight into ``out``'s memory; any
+    other is read into a chunk-sized buffer and its overlap copied into ``out``.
+    """
+    ranges = [range(*s.indices(n)) for s, n in zip(selection, layout.shape, strict=True)]
+    if tuple(out.shape) != tuple(len(r) for r in ranges):
+        raise ValueError(f"{key}: out has shape {out.shape}, the selection {selection}")
+    if out.size == 0:
+        return []
     touched = [
         [i for i in range(r[0] // c, r[-1] // c + 1) if _touches(r, i, c)]
         for r, c in zip(ranges, layout.chunk_shape, strict=True)
     ]
-    direct = layout.dtype == _little_endian(layout.dtype)
+    direct = (
+        layout.dtype == _little_endian(layout.dtype)
+        and out.dtype == _little_endian(out.dtype)
+        and bool(out.flags.c_contiguous)
+        and layout.is_contiguous_runs()
+    )
     # Axes from the first one the selection does not take whole to the last:
     # a chunk region inside the selection is one contiguous run of the result
     # when every axis after its split axis is whole in the selection too.
@@ -726,25 +758,22 @@ def read_selection(
                 slice(g.start - r.start, g.stop - r.start)
                 for g, r in zip(region, ranges, strict=True)
             )
-            _read_chunk(storage, key, layout, result, coords, True, stats, files, shifted)
+            _read_chunk(storage, key, layout, out, coords, True, stats, files, shifted)
             return
+        chunk_direct = layout.dtype == _little_endian(layout.dtype)
         block = np.empty(tuple(g.stop - g.start for g in region), layout.dtype)
         local = tuple(slice(0, g.stop - g.start) for g in region)
-        _read_chunk(storage, key, layout, block, coords, direct, stats, files, local)
+        _read_chunk(storage, key, layout, block, coords, chunk_direct, stats, files, local)
         source, target = [], []
         for r, g in zip(ranges, region, strict=True):
             start, stop = _first_at_or_after(r, g.start), _first_at_or_after(r, g.stop)
             first = r[start] - g.start
             source.append(slice(first, first + (stop - start - 1) * r.step + 1, r.step))
             target.append(slice(start, stop))
-        result[tuple(target)] = block[tuple(source)]
+        out[tuple(target)] = block[tuple(source)]
 
     cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
-    tasks: list[Task] = [
-        (cost, partial(read_one, tuple(coords))) for coords in itertools.product(*touched)
-    ]
-    run_tasks(tasks, options, stats)
-    return result
+    return [(cost, partial(read_one, tuple(coords))) for coords in itertools.product(*touched)]
 
 
 def _first_at_or_after(r: range, value: int) -> int:
@@ -787,7 +816,10 @@ def chunk_check_tasks(
 
 def read_arrays(
     storage: Storage,
-    targets: Iterable[tuple[str, ArrayLayout, np.ndarray[Any, Any]]],
+    targets: Iterable[
+        tuple[str, ArrayLayout, np.ndarray[Any, Any]]
+        | tuple[str, ArrayLayout, np.ndarray[Any, Any], tuple[slice, ...] | None]
+    ],
     files: Mapping[str, ChunkFile],
     options: CheckpointOptions | None = None,
     stats: IOStats | None = None,
@@ -796,24 +828,36 @@ def read_arrays(
 
     ``files`` is the commit manifest's entries by key: every chunk must match its own.
 
-    ``out`` must have the layout's shape; when it is C-contiguous and its
-    dtype is the stored little-endian dtype, chunks are read straight into
-    its memory.
+    A target ``(key, layout, out)`` reads the whole array: ``out`` must have
+    the layout's shape; when it is C-contiguous, its dtype is the stored
+    little-endian dtype and the chunks split leading axes only, chunks are
+    read straight into its memory. A target ``(key, layout, out, region)``
+    reads only the chunks overlapping ``region`` (one block of a sharded
+    value, of ``out``'s shape).
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats(progress=options.progress)
     tasks: list[Task] = []
-    for key, layout, out in targets:
-        if tuple(out.shape) != layout.shape:
-            raise CorruptCheckpointError(
-                f"{storage.url}/{key}: stored shape {layout.shape}, record says {out.shape}"
-            )
+    for target in targets:
+        key, layout, out = target[0], target[1], target[2]
+        region = target[3] if len(target) == 4 else None
         if layout.dtype != out.dtype.newbyteorder("="):
             raise CorruptCheckpointError(
                 f"{storage.url}/{key}: stored dtype {dtype_name(layout.dtype)}, "
                 f"record says {dtype_name(out.dtype)}"
             )
-        direct = bool(out.flags.c_contiguous) and out.dtype == _little_endian(out.dtype)
+        if region is not None:
+            tasks.extend(selection_tasks(storage, key, layout, region, out, files, stats))
+            continue
+        if tuple(out.shape) != layout.shape:
+            raise CorruptCheckpointError(
+                f"{storage.url}/{key}: stored shape {layout.shape}, record says {out.shape}"
+            )
+        direct = (
+            bool(out.flags.c_contiguous)
+            and out.dtype == _little_endian(out.dtype)
+            and layout.is_contiguous_runs()
+        )
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
         for coords in np.ndindex(*layout.grid):
             tasks.append(

@@ -18,6 +18,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "DependencyNameError",
+    "DistributedError",
+    "DistributedRestoreError",
+    "DistributedSaveError",
     "DTypeMismatchError",
     "ConcurrentWriterError",
     "FormatVersionError",
@@ -132,6 +135,27 @@ class DependencyNameError(ZarrckptError, ValueError):
 
 class NonAppendMutationError(ZarrckptError, ValueError):
     """A tracked list was mutated in a way that renames its dependencies."""
+
+
+class DistributedError(ZarrckptError, RuntimeError):
+    """A collective operation of several ranks failed; ``failures`` maps rank to its error text.
+
+    Every rank that is still alive raises the same error (same message), so no
+    rank goes on training while another gave up. A rank that died or stopped
+    answering within the coordinator's timeout is named with what its peers saw.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures: dict[int, str] = dict(failures or {})
+
+
+class DistributedSaveError(DistributedError):
+    """A distributed save failed on one or more ranks; no checkpoint was committed."""
+
+
+class DistributedRestoreError(DistributedError):
+    """A distributed restore failed on one or more ranks (every rank raises it)."""
 
 
 class MatchError(ZarrckptError, AssertionError):

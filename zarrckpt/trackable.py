@@ -14,6 +14,7 @@ name is added later, it receives its saved values at once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "NoDependency",
     "SaveContext",
     "SaveableValue",
+    "ShardInfo",
     "Trackable",
 ]
 
@@ -38,8 +40,35 @@ class SaveContext:
         self.cache: dict[int, Any] = {}
 
 
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where one process's block lies in a value of ``global_shape``: at ``offset``.
+
+    TensorFlow's ``ShardInfo``: the block ``value[offset[0]:offset[0] + b[0], ...]``
+    of the value a distributed save writes and a restore reads.
+    """
+
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+
+    def region(self, block_shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The block's part of the global value."""
+        return tuple(
+            slice(o, o + b) for o, b in zip(self.offset, block_shape, strict=True)
+        )
+
+
 class SaveableValue(ABC):
     """One saved attribute of a trackable: how to produce it and where to restore it."""
+
+    def shard(self) -> ShardInfo | None:
+        """Where :meth:`value` lies in the saved value, when it is one block of it.
+
+        None (the default): the value is the whole saved value. A sharded value's
+        record shape is its global shape, and :meth:`destination` gets that
+        shape but returns the block, which a restore fills with its region.
+        """
+        return None
 
     @abstractmethod
     def value(self, context: SaveContext) -> np.ndarray[Any, Any]:
@@ -63,8 +92,12 @@ class SaveableValue(ABC):
 class ArrayValue(SaveableValue):
     """A saved value restored in place into an existing array's memory."""
 
-    def __init__(self, get_array: Any) -> None:
+    def __init__(self, get_array: Any, shard: ShardInfo | None = None) -> None:
         self._get_array = get_array
+        self._shard = shard
+
+    def shard(self) -> ShardInfo | None:
+        return self._shard
 
     def value(self, context: SaveContext) -> np.ndarray[Any, Any]:
         array: np.ndarray[Any, Any] = self._get_array()
@@ -74,7 +107,8 @@ class ArrayValue(SaveableValue):
         self, shape: tuple[int, ...], dtype: np.dtype[Any], key: str
     ) -> np.ndarray[Any, Any]:
         array: np.ndarray[Any, Any] = self._get_array()
-        check_compatible(key, shape, dtype, array.shape, array.dtype)
+        live_shape = array.shape if self._shard is None else self._shard.global_shape
+        check_compatible(key, shape, dtype, live_shape, array.dtype)
         if not array.flags.writeable:
             raise ValueError(f"cannot restore {key!r}: the live array is read-only")
         return array

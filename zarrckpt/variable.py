@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from zarrckpt._dtypes import dtype_name
 from zarrckpt.errors import InvalidArgumentError, ShapeMismatchError
-from zarrckpt.trackable import ArrayValue, SaveableValue, Trackable
+from zarrckpt.trackable import ArrayValue, SaveableValue, ShardInfo, Trackable
 
 __all__ = ["VARIABLE_VALUE", "Variable", "capture_dependencies"]
 
@@ -61,10 +61,66 @@ class Variable(Trackable):
         else:
             value = _adoptable(initial_value, dtype, name)
         self._value: np.ndarray[Any, Any] = value
+        self._shard: ShardInfo | None = None
         self.name = name
         if name is not None:
             for template in _capture_stack.get()[-1:]:
                 template._track_trackable(self, name)
+
+    @classmethod
+    def sharded(
+        cls,
+        local_block: npt.ArrayLike,
+        global_shape: tuple[int, ...] | list[int],
+        offset: tuple[int, ...] | list[int],
+        name: str | None = None,
+        dtype: npt.DTypeLike | None = None,
+        copy: bool = True,
+    ) -> Variable:
+        """A Variable holding one block of a larger value: ``value[offset : offset + block.shape]``.
+
+        For distributed saves (:mod:`zarrckpt.distributed`): each rank holds its
+        block, the ranks together save one array of ``global_shape``, and a
+        restore fills each rank's block from whatever layout wrote it (any
+        number of ranks, rows or columns, or one plain Variable). ``numpy()``,
+        ``assign()`` and ``shape`` are the block's; :attr:`global_shape` and
+        :attr:`offset` say where it lies. A block outside ``global_shape`` is
+        refused here, with :class:`~zarrckpt.errors.InvalidArgumentError`.
+
+        Example:
+            >>> rank, world = 1, 4     # rows 256..511 of a (1024, 64) matrix
+            >>> w = Variable.sharded(np.zeros((256, 64), np.float32), (1024, 64), (256, 0))
+            >>> w.global_shape, w.offset, w.shape
+            ((1024, 64), (256, 0), (256, 64))
+        """
+        variable = cls(local_block, name=name, dtype=dtype, copy=copy)
+        where = f"Variable.sharded(name={name!r})" if name else "Variable.sharded()"
+        shape = _int_tuple(global_shape, "global_shape", where)
+        start = _int_tuple(offset, "offset", where)
+        block = variable.shape
+        if not len(shape) == len(start) == len(block):
+            raise InvalidArgumentError(
+                f"{where}: the block has {len(block)} dimensions, global_shape {list(shape)} "
+                f"and offset {list(start)} must have as many"
+            )
+        for axis, (o, b, n) in enumerate(zip(start, block, shape, strict=True)):
+            if o + b > n:
+                raise InvalidArgumentError(
+                    f"{where}: the block of shape {list(block)} at offset {list(start)} lies "
+                    f"outside global_shape {list(shape)} (axis {axis}: rows {o}..{o + b} of {n})"
+                )
+        variable._shard = ShardInfo(shape, start)
+        return variable
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        """The shape of the whole value (the block's own shape unless :meth:`sharded`)."""
+        return self._shard.global_shape if self._shard is not None else self.shape
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        """Where the block starts in the whole value (zeros unless :meth:`sharded`)."""
+        return self._shard.offset if self._shard is not None else (0,) * self._value.ndim
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """The live buffer (not a copy): writes to it change the variable."""
@@ -118,12 +174,26 @@ class Variable(Trackable):
 
     def __repr__(self) -> str:
         name = f" {self.name!r}" if self.name else ""
+        if self._shard is not None:
+            name += f" block at {self.offset} of {self.global_shape}"
         body = np.array2string(self._value, threshold=6, edgeitems=2, separator=", ")
         body = " ".join(body.split())  # one line, whatever the rank
         return f"<zarrckpt.Variable{name} shape={self.shape} dtype={self.dtype.name} {body}>"
 
     def _saveable_values(self) -> dict[str, SaveableValue]:
-        return {VARIABLE_VALUE: ArrayValue(self.numpy)}
+        return {VARIABLE_VALUE: ArrayValue(self.numpy, self._shard)}
+
+
+def _int_tuple(value: Any, what: str, where: str) -> tuple[int, ...]:
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if items is None or not all(
+        isinstance(i, int | np.integer) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise InvalidArgumentError(f"{where}: {what} must be a sequence of ints >= 0, got {value!r}")
+    return tuple(int(i) for i in items)
 
 
 def _adoptable(

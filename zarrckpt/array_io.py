@@ -66,6 +66,7 @@ __all__ = [
     "selection_tasks",
     "write_arrays",
     "write_chunk",
+    "write_file",
 ]
 
 _CRC_BYTES = 4
@@ -423,7 +424,7 @@ def write_chunk(
     return ChunkFile(name, size, checksum)
 
 
-def _write_file(storage: Storage, key: str, data: bytes, stats: IOStats) -> ChunkFile:
+def write_file(storage: Storage, key: str, data: bytes, stats: IOStats) -> ChunkFile:
     storage.write(key, [data])
     stats.add(len(data))
     return ChunkFile(key, len(data), crc32c.crc32c(data))
@@ -454,7 +455,7 @@ def write_arrays(
         )
         metadata = layout.metadata()
         tasks.append(
-            (len(metadata), partial(_write_file, storage, f"{key}/zarr.json", metadata, stats))
+            (len(metadata), partial(write_file, storage, f"{key}/zarr.json", metadata, stats))
         )
         # A compressed chunk holds its padded copy and its encoding at once.
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
@@ -467,7 +468,7 @@ def write_arrays(
         tasks.append(
             (
                 len(group_json),
-                partial(_write_file, storage, f"{group}/zarr.json", group_json, stats),
+                partial(write_file, storage, f"{group}/zarr.json", group_json, stats),
             )
         )
     return run_tasks(tasks, options, stats)
@@ -696,7 +697,9 @@ def read_selection(
     stats = stats if stats is not None else IOStats(progress=options.progress)
     ranges = [range(*s.indices(n)) for s, n in zip(selection, layout.shape, strict=True)]
     result = np.empty(tuple(len(r) for r in ranges), layout.dtype)
-    run_tasks(selection_tasks(storage, key, layout, selection, result, files, stats), options, stats)
+    run_tasks(
+        selection_tasks(storage, key, layout, selection, result, files, stats), options, stats
+    )
     return result
 
 

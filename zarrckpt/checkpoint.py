@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -30,9 +30,11 @@ from zarrckpt._commit import (
     open_committed,
 )
 from zarrckpt._dtypes import dtype_from_name
-from zarrckpt._graph import build_save_plan, list_objects
+from zarrckpt._graph import SavePlan, build_save_plan, list_objects
 from zarrckpt.errors import (
     CheckpointExistsError,
+    DistributedError,
+    DistributedRestoreError,
     InvalidArgumentError,
     MatchError,
     UnmatchedValuesWarning,
@@ -43,6 +45,9 @@ from zarrckpt.options import CheckpointOptions
 from zarrckpt.record import SavedAttribute, SlotVariableReference
 from zarrckpt.trackable import AutoTrackable, SaveableValue, Trackable
 from zarrckpt.variable import Variable
+
+if TYPE_CHECKING:
+    from zarrckpt.distributed import Coordinator
 
 __all__ = ["Checkpoint", "CheckpointLoadStatus", "InitializationOnlyStatus"]
 
@@ -102,6 +107,7 @@ class Checkpoint(AutoTrackable):
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
         metadata: Mapping[str, MetadataValue] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str:
         """Write a committed checkpoint at ``path``; ``save_counter`` is not incremented.
 
@@ -111,10 +117,25 @@ class Checkpoint(AutoTrackable):
         ``metadata`` (up to 256 ``str -> bool | int | float | str``, e.g. the
         step and the loss) is stored in the commit manifest and listed by
         :func:`~zarrckpt.list_checkpoints` without reading the checkpoint.
+
+        With a ``coordinator`` (:mod:`zarrckpt.distributed`), every rank calls
+        ``write`` with the same path and the ranks write one checkpoint
+        together: each its blocks of sharded Variables, each replicated value
+        written once; rank 0 commits when all succeeded, and any failure raises
+        :class:`~zarrckpt.errors.DistributedSaveError` on every rank.
+        :attr:`last_write_stats` is then what this rank wrote.
         """
         options = options or CheckpointOptions()
         metadata = check_metadata(metadata, where=os.fspath(path))
+        if coordinator is not None:
+            return self._write_distributed(path, coordinator, options, storage_options, metadata)
         plan = build_save_plan(self)
+        if plan.shards:
+            from zarrckpt.distributed import LocalCoordinator
+
+            return self._write_distributed(
+                path, LocalCoordinator(), options, storage_options, metadata, plan
+            )
         commit = begin_commit(path, storage_options, fsync=options.fsync, threads=options.threads)
         storage = commit.create()
         stats = array_io.IOStats(progress=options.progress)
@@ -127,6 +148,29 @@ class Checkpoint(AutoTrackable):
             if clearer is not None:
                 raise clearer from exc
             raise
+        object.__setattr__(self, "_zc_last_write_stats", stats)
+        return os.fspath(path)
+
+    def _write_distributed(
+        self,
+        path: PathLike,
+        coordinator: Coordinator,
+        options: CheckpointOptions,
+        storage_options: dict[str, Any] | None,
+        metadata: dict[str, MetadataValue],
+        plan: SavePlan | None = None,
+    ) -> str:
+        from zarrckpt.distributed._save import write_distributed
+
+        stats = write_distributed(
+            self,
+            path,
+            coordinator,
+            options=options,
+            storage_options=storage_options,
+            metadata=metadata,
+            save_plan=plan,
+        )
         object.__setattr__(self, "_zc_last_write_stats", stats)
         return os.fspath(path)
 
@@ -143,15 +187,23 @@ class Checkpoint(AutoTrackable):
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
         metadata: Mapping[str, MetadataValue] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str:
-        """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path."""
+        """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path.
+
+        With a ``coordinator``, every rank calls it and gets the same path (see :meth:`write`).
+        """
         counter = self._create_save_counter()
         counter.assign_add(1)
         number = int(counter.numpy())
         path = f"{os.fspath(file_prefix)}-{number}"
         try:
             return self.write(
-                path, options=options, storage_options=storage_options, metadata=metadata
+                path,
+                options=options,
+                storage_options=storage_options,
+                metadata=metadata,
+                coordinator=coordinator,
             )
         except CheckpointExistsError as exc:
             counter.assign_sub(1)
@@ -172,13 +224,52 @@ class Checkpoint(AutoTrackable):
         *,
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> CheckpointLoadStatus:
         """Restore values from the checkpoint at ``path`` into the live objects.
 
         Values go into the objects' existing memory. Objects in the checkpoint
         that do not exist yet get their values when they are attached. A shape
         or dtype mismatch raises before anything is changed.
+
+        A sharded Variable gets its block, read from the chunks that overlap it
+        only, whatever layout and number of ranks wrote the checkpoint; a
+        restore needs no coordinator. With one, the ranks learn each other's
+        outcome: if the restore failed on any rank, every rank raises
+        :class:`~zarrckpt.errors.DistributedRestoreError` naming it.
         """
+        if coordinator is None:
+            return self._read(path, options, storage_options)
+        error: str | None = None
+        status: CheckpointLoadStatus | None = None
+        local: BaseException | None = None
+        try:
+            status = self._read(path, options, storage_options)
+        except BaseException as exc:
+            local = exc
+            error = f"{type(exc).__name__}: {exc}"
+        try:
+            outcomes = coordinator.all_gather_object(error)
+        except DistributedError as exc:
+            raise DistributedRestoreError(f"{os.fspath(path)}: restore: {exc}") from (local or exc)
+        failures = {rank: text for rank, text in enumerate(outcomes) if text is not None}
+        if failures:
+            if local is not None and not isinstance(local, Exception):
+                raise local
+            shown = "; ".join(f"rank {r}: {t}" for r, t in sorted(failures.items())[:8])
+            raise DistributedRestoreError(
+                f"{os.fspath(path)}: restore failed on ranks {sorted(failures)[:8]} ({shown})",
+                failures,
+            ) from local
+        assert status is not None
+        return status
+
+    def _read(
+        self,
+        path: PathLike,
+        options: CheckpointOptions | None,
+        storage_options: dict[str, Any] | None,
+    ) -> CheckpointLoadStatus:
         checkpoint = open_committed(path, storage_options)
         root_children = {c.name for c in checkpoint.graph.nodes[0].children}
         if SAVE_COUNTER in root_children:
@@ -197,11 +288,14 @@ class Checkpoint(AutoTrackable):
         *,
         options: CheckpointOptions | None = None,
         storage_options: dict[str, Any] | None = None,
+        coordinator: Coordinator | None = None,
     ) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Like :meth:`read`; ``None`` restores nothing and returns a status that says so."""
         if path is None:
             return InitializationOnlyStatus(self)
-        return self.read(path, options=options, storage_options=storage_options)
+        return self.read(
+            path, options=options, storage_options=storage_options, coordinator=coordinator
+        )
 
     def __repr__(self) -> str:
         names = [name for name, _ in self._checkpoint_dependencies()]
@@ -241,7 +335,13 @@ def _warn_unrestored(progress: _RestoreProgress) -> None:
         )
 
 
-_Transfer = tuple[SavedAttribute, SaveableValue, array_io.ArrayLayout, np.ndarray[Any, Any]]
+_Transfer = tuple[
+    SavedAttribute,
+    SaveableValue,
+    array_io.ArrayLayout,
+    np.ndarray[Any, Any],
+    tuple[slice, ...] | None,  # a sharded value's block of the saved value
+]
 
 
 class RestoreSession:
@@ -334,7 +434,9 @@ class RestoreSession:
                     layout = self.checkpoint.layout(attribute)
                 dtype = dtype_from_name(attribute.dtype)
                 destination = saveable.destination(attribute.shape, dtype, attribute.key)
-                transfers.append((attribute, saveable, layout, destination))
+                shard = saveable.shard()
+                region = None if shard is None else shard.region(destination.shape)
+                transfers.append((attribute, saveable, layout, destination, region))
         for child in node.children:
             live = obj._dependency_for_restore(child.name)
             if live is None:
@@ -378,13 +480,14 @@ class RestoreSession:
     def _transfer(self, transfers: list[_Transfer]) -> None:
         checkpoint = self.checkpoint
         targets = [
-            (attribute.key, layout, destination) for attribute, _, layout, destination in transfers
+            (attribute.key, layout, destination, region)
+            for attribute, _, layout, destination, region in transfers
         ]
         with checkpoint.reading():
             array_io.read_arrays(
                 checkpoint.storage, targets, checkpoint.files, self.options, self.io_stats
             )
-        for attribute, saveable, _, destination in transfers:
+        for attribute, saveable, _, destination, _ in transfers:
             saveable.commit(destination)
             self.progress.restored_keys.add(attribute.key)
 

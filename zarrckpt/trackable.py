@@ -53,9 +53,7 @@ class ShardInfo:
 
     def region(self, block_shape: tuple[int, ...]) -> tuple[slice, ...]:
         """The block's part of the global value."""
-        return tuple(
-            slice(o, o + b) for o, b in zip(self.offset, block_shape, strict=True)
-        )
+        return tuple(slice(o, o + b) for o, b in zip(self.offset, block_shape, strict=True))
 
 
 class SaveableValue(ABC):

@@ -192,7 +192,9 @@ def _int_tuple(value: Any, what: str, where: str) -> tuple[int, ...]:
     if items is None or not all(
         isinstance(i, int | np.integer) and not isinstance(i, bool) and i >= 0 for i in items
     ):
-        raise InvalidArgumentError(f"{where}: {what} must be a sequence of ints >= 0, got {value!r}")
+        raise InvalidArgumentError(
+            f"{where}: {what} must be a sequence of ints >= 0, got {value!r}"
+        )
     return tuple(int(i) for i in items)
 
 

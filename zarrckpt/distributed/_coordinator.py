@@ -1,0 +1,235 @@
+"""Coordinators: how the ranks of a distributed save exchange small objects.
+
+A coordinator carries plans, attempt names, file lists and outcomes between
+ranks: every rank calls the same collective in the same order. Every
+collective has a timeout, so a rank that died or hangs makes the others raise
+:class:`~zarrckpt.errors.DistributedError` instead of waiting for ever.
+
+torch and mpi4py are imported only when their coordinator is created, never by
+``import zarrckpt``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Protocol, runtime_checkable
+
+from zarrckpt.errors import DistributedError, InvalidArgumentError, MissingDependencyError
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Coordinator",
+    "LocalCoordinator",
+    "MPICoordinator",
+    "TorchCoordinator",
+]
+
+DEFAULT_TIMEOUT = 600.0  # seconds; a save of many GiB per rank between two collectives fits
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """The collectives a distributed save needs; every rank calls each one in the same order.
+
+    Implementations raise :class:`~zarrckpt.errors.DistributedError` when a
+    collective fails or times out (a rank died, or never arrived).
+    """
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, 0 to ``world_size - 1``."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks."""
+        ...
+
+    def barrier(self) -> None:
+        """Return once every rank has called it."""
+        ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj``, on every rank."""
+        ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, indexed by rank, on every rank."""
+        ...
+
+
+class LocalCoordinator:
+    """One process alone: rank 0 of 1 (the default wherever a coordinator is optional)."""
+
+    rank = 0
+    world_size = 1
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` itself."""
+        if src != 0:
+            raise InvalidArgumentError(f"LocalCoordinator has only rank 0, not src={src}")
+        return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``[obj]``."""
+        return [obj]
+
+    def __repr__(self) -> str:
+        return "<zarrckpt LocalCoordinator rank 0 of 1>"
+
+
+def _seconds(timeout: float | datetime.timedelta) -> float:
+    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(seconds)
+
+
+class TorchCoordinator:
+    """Collectives over ``torch.distributed``, on a gloo group of its own.
+
+    ``torch.distributed.init_process_group`` must have been called (any
+    backend: NCCL jobs work, since objects travel over the coordinator's own
+    gloo group, created here with ``timeout``). Every rank of the default
+    group must create the coordinator at the same point (``new_group`` is
+    collective). ``group`` limits it to the ranks of that group; ``rank`` and
+    ``world_size`` are then positions in it.
+
+    Example:
+        >>> torch.distributed.init_process_group("nccl")
+        >>> coordinator = TorchCoordinator(timeout=300)
+        >>> ckpt.save("/shared/run/ckpt", coordinator=coordinator)
+    """
+
+    def __init__(self, group: Any = None, timeout: float | datetime.timedelta = DEFAULT_TIMEOUT):
+        try:
+            import torch.distributed as dist
+        except ImportError as exc:  # pragma: no cover - the test extra installs torch
+            raise MissingDependencyError("TorchCoordinator needs torch: pip install torch") from exc
+        if not dist.is_available() or not dist.is_initialized():
+            raise InvalidArgumentError(
+                "TorchCoordinator needs torch.distributed initialized first "
+                "(torch.distributed.init_process_group, or run under torchrun)"
+            )
+        self.timeout = _seconds(timeout)
+        self._dist = dist
+        ranks = None if group is None else list(dist.get_process_group_ranks(group))
+        self._group = dist.new_group(
+            ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout)
+        )
+        self._global_ranks = ranks if ranks is not None else list(range(dist.get_world_size()))
+        self._rank = self._global_ranks.index(dist.get_rank())
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self._global_ranks)
+
+    def _failed(self, operation: str, exc: BaseException) -> DistributedError:
+        return DistributedError(
+            f"rank {self._rank}: {operation} over torch.distributed failed ({exc}); "
+            f"a rank died or did not arrive within {self.timeout:g} s"
+        )
+
+    def barrier(self) -> None:
+        try:
+            self._dist.monitored_barrier(
+                group=self._group,
+                timeout=datetime.timedelta(seconds=self.timeout),
+                wait_all_ranks=True,
+            )
+        except Exception as exc:
+            raise self._failed("barrier", exc) from exc
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        holder = [obj if self._rank == src else None]
+        try:
+            self._dist.broadcast_object_list(holder, src=self._global_ranks[src], group=self._group)
+        except Exception as exc:
+            raise self._failed("broadcast_object", exc) from exc
+        return holder[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            self._dist.all_gather_object(gathered, obj, group=self._group)
+        except Exception as exc:
+            raise self._failed("all_gather_object", exc) from exc
+        return gathered
+
+    def __repr__(self) -> str:
+        return (
+            f"<zarrckpt TorchCoordinator rank {self._rank} of {self.world_size}, "
+            f"timeout {self.timeout:g} s>"
+        )
+
+
+class MPICoordinator:
+    """Collectives over an MPI communicator (``mpi4py``; default ``COMM_WORLD``, duplicated).
+
+    MPI collectives cannot time out, so each one starts with a non-blocking
+    barrier polled until ``timeout``: the collective itself begins only once
+    every rank has arrived, and a rank that never does makes the others raise.
+
+    Example:
+        >>> coordinator = MPICoordinator()       # under mpiexec -n 4 python train.py
+        >>> ckpt.save("/shared/run/ckpt", coordinator=coordinator)
+    """
+
+    def __init__(self, comm: Any = None, timeout: float | datetime.timedelta = DEFAULT_TIMEOUT):
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:  # pragma: no cover - the test extra installs mpi4py
+            raise MissingDependencyError(
+                "MPICoordinator needs mpi4py: pip install mpi4py mpich"
+            ) from exc
+        self.timeout = _seconds(timeout)
+        self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+
+    @property
+    def rank(self) -> int:
+        rank: int = self._comm.Get_rank()
+        return rank
+
+    @property
+    def world_size(self) -> int:
+        size: int = self._comm.Get_size()
+        return size
+
+    def _everyone_arrived(self, operation: str) -> None:
+        request = self._comm.Ibarrier()
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-4
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"rank {self.rank}: {operation} over MPI: not every rank arrived within "
+                    f"{self.timeout:g} s (a rank died or hangs)"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def barrier(self) -> None:
+        self._everyone_arrived("barrier")
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        self._everyone_arrived("broadcast_object")
+        return self._comm.bcast(obj, root=src)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        self._everyone_arrived("all_gather_object")
+        gathered: list[Any] = self._comm.allgather(obj)
+        return gathered
+
+    def __repr__(self) -> str:
+        return (
+            f"<zarrckpt MPICoordinator rank {self.rank} of {self.world_size}, "
+            f"timeout {self.timeout:g} s>"
+        )

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -32,11 +32,15 @@ from zarrckpt.directory import (
 from zarrckpt.errors import (
     CheckpointExistsError,
     ConcurrentWriterError,
+    DistributedError,
     InvalidArgumentError,
     ZarrckptError,
 )
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.variable import Variable
+
+if TYPE_CHECKING:
+    from zarrckpt.distributed import Coordinator
 
 __all__ = ["CheckpointManager"]
 
@@ -120,6 +124,12 @@ class CheckpointManager:
     ("max" or "min"), the ``max_to_keep`` best checkpoints are kept, plus the
     latest so training can always resume.
 
+    With a ``coordinator`` (:mod:`zarrckpt.distributed`), every rank creates
+    the manager and calls its methods alike: the ranks save each checkpoint
+    together; numbering, retention, the state file and leftover removal run
+    on rank 0, and every rank gets the same paths, ``checkpoints`` and
+    ``latest_checkpoint``.
+
     Example:
         >>> manager = CheckpointManager(zc.Checkpoint(model=model), "s3://bucket/run",
         ...                             max_to_keep=3, storage_options={"anon": False})
@@ -145,6 +155,7 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         options: CheckpointOptions | None = None,
         gc_older_than: float | None = 3600.0,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise InvalidArgumentError(
@@ -194,9 +205,45 @@ class CheckpointManager:
         self._deleting: threading.Thread | None = None
         self._delete_failures: list[tuple[_Entry, Exception]] = []
         self._highest_taken = 0  # the highest checkpoint number seen in the directory
-        if gc_older_than is not None:
-            self._remove_leftovers(gc_older_than)
-        self._entries, self._preserved, self._last_preserved = self._recover()
+        self._coordinator = coordinator
+        self._leader = coordinator is None or coordinator.rank == 0
+        self._entries: list[_Entry] = []
+        self._preserved: list[_Entry] = []
+        self._last_preserved = 0.0
+        error = ""
+        if self._leader:
+            try:
+                if gc_older_than is not None:
+                    self._remove_leftovers(gc_older_than)
+                self._entries, self._preserved, self._last_preserved = self._recover()
+            except Exception as exc:
+                if coordinator is None:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+        self._share_state("starting", error)
+
+    def _share_state(self, step: str, error: str = "") -> None:
+        """Rank 0's view of the directory, on every rank (nothing to do without a coordinator)."""
+        if self._coordinator is None or self._coordinator.world_size == 1:
+            return
+        state = (
+            error,
+            self._entries,
+            self._preserved,
+            self._last_preserved,
+            self._highest_taken,
+        )
+        try:
+            shared = self._coordinator.broadcast_object(state if self._leader else None, 0)
+        except DistributedError as exc:
+            raise DistributedError(f"{self._directory}: CheckpointManager {step}: {exc}") from exc
+        if shared[0]:
+            raise DistributedError(
+                f"{self._directory}: CheckpointManager {step} failed on rank 0: {shared[0]}",
+                {0: shared[0]},
+            )
+        if not self._leader:
+            _, self._entries, self._preserved, self._last_preserved, self._highest_taken = shared
 
     # State ----------------------------------------------------------------------
 
@@ -403,6 +450,7 @@ class CheckpointManager:
                 options=options or self._options,
                 storage_options=self._storage_options,
                 metadata=metadata,
+                coordinator=self._coordinator,
             )
         except CheckpointExistsError as exc:
             counter.assign_sub(1)
@@ -418,6 +466,13 @@ class CheckpointManager:
         self._entries.append(entry)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
+        if self._leader:
+            self._after_save(path)
+        self._share_state("after saving")
+        return path
+
+    def _after_save(self, path: str) -> None:
+        """Retention and the state file (rank 0's work with a coordinator)."""
         self._join_deletions(raise_errors=False)
         self._delete_in_background(self._sweep())
         try:
@@ -429,9 +484,8 @@ class CheckpointManager:
                 f"{path} is saved, but {self._state_path()} could not be written ({exc}); "
                 "the next save writes it again",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return path
 
     def _conflict(self, target: str) -> ConcurrentWriterError:
         """The error for a checkpoint another writer committed under this manager's name."""
@@ -546,7 +600,10 @@ class CheckpointManager:
         latest = self.latest_checkpoint
         if latest is not None:
             self._checkpoint.restore(
-                latest, options=self._options, storage_options=self._storage_options
+                latest,
+                options=self._options,
+                storage_options=self._storage_options,
+                coordinator=self._coordinator,
             )
             if self._step_counter is not None:  # no save at the step just restored
                 self._last_saved_step = int(self._step_counter.numpy())

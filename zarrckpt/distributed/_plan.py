@@ -329,4 +329,10 @@ def _check_tiling(key: str, shape: tuple[int, ...], boxes: dict[int, Box]) -> No
         raise PlanError(
             f"{key!r}: the blocks cover {covered} of the {total} elements of shape "
             f"{list(shape)} ({shown}); together the blocks must cover the value exactly"
+            + (
+                ". A sharded Variable is saved by all the ranks that hold its blocks "
+                "together: pass coordinator= (zarrckpt.distributed) to the save on every rank"
+                if len(boxes) == 1
+                else ""
+            )
         )

@@ -243,21 +243,26 @@ def test_irregular_blocks_send_boundary_pieces_to_the_chunk_owner(tmp_path: Any)
 @pytest.mark.parametrize(
     ("shape", "boxes", "chunks", "exchange"),
     [
-        ((4096, 4096), [[(0, 1024 * i), (0, 4096)] for i in range(1, 5)], (1024, 4096), False),
+        # Blocks of 16 MiB: chunks of 4 MiB inside them.
+        (
+            (4096, 4096),
+            [[(1024 * i, 1024 * i + 1024), (0, 4096)] for i in range(4)],
+            (256, 4096),
+            0,
+        ),
         (
             (4096, 4096),
             [[(0, 4096), (1024 * i, 1024 * i + 1024)] for i in range(4)],
-            (4096, 1024),
-            False,
+            (1024, 1024),
+            0,
         ),
-        (
-            (4096, 4096),
-            [[(512 * i, 512 * i + 512), (0, 4096)] for i in range(8)],
-            (512, 4096),
-            False,
-        ),
+        # Blocks of 8 MiB and 4 MiB: 2 MiB, 1/16 of chunk_bytes, is the smallest chunk.
+        ((4096, 4096), [[(512 * i, 512 * i + 512), (0, 4096)] for i in range(8)], (128, 4096), 0),
+        ((4096, 4096), [[(256 * i, 256 * i + 256), (0, 4096)] for i in range(16)], (128, 4096), 0),
+        # Blocks of 512 MiB: 32 MiB chunks.
+        ((65536, 4096), [[(0, 32768), (0, 4096)], [(32768, 65536), (0, 4096)]], (2048, 4096), 0),
         ((10, 6), [[(0, 4), (0, 6)], [(4, 7), (0, 6)], [(7, 10), (0, 6)]], (10, 6), True),
-        ((1000003, 8), [[(0, 333335), (0, 8)], [(333335, 1000003), (0, 8)]], (333335, 8), False),
+        ((1000003, 8), [[(0, 333335), (0, 8)], [(333335, 1000003), (0, 8)]], (66667, 8), False),
         (
             (1000003, 8),
             [[(0, 333335), (0, 8)], [(333335, 666669), (0, 8)], [(666669, 1000003), (0, 8)]],
@@ -605,3 +610,17 @@ def test_restoring_a_block_from_column_chunks_holds_one_budget_of_chunks(tmp_pat
     assert np.array_equal(block.numpy(), full[1024:3072])
     # Each of the 4 chunks is read whole (1 MiB) into a buffer, one at a time.
     assert peak < (1 << 20) + (512 << 10), peak
+
+
+def test_resharding_two_to_four_and_four_to_two_reads_only_what_each_rank_needs(
+    tmp_path: Any,
+) -> None:
+    full = global_value((4096, 2048))  # 32 MiB: 16 MiB blocks on 2 ranks, 8 MiB on 4
+    for saved, restored in ((2, 4), (4, 2)):
+        path = str(tmp_path / f"from-{saved}")
+        save_ranks(path, {"w": full}, {"w": row_boxes(full.shape, saved)}, saved)
+        results = restore_ranks(path, {"w": full}, {"w": row_boxes(full.shape, restored)}, restored)
+        chunks = zarr.open_array(f"{path}/w/.ATTRIBUTES/VARIABLE_VALUE", mode="r").nchunks
+        needed = full.nbytes // restored
+        # Exactly each rank's block, plus the 4-byte CRC of each chunk it reads.
+        assert results == [(True, needed + 4 * chunks // restored)] * restored

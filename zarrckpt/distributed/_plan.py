@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 Box = tuple[tuple[int, int], ...]  # (start, stop) per axis
+_CHUNKS_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -204,11 +205,18 @@ def shard_layout(
     Aligned when the block edges allow chunks of a useful size: along each
     axis with inner block edges, chunks divide the gcd of the edges (so every
     chunk lies inside one block); the size is what a single process would use
-    for a value of that gcd's extent. Useful means at least the smaller of the
-    unaligned chunk, 1/16 of ``chunk_bytes`` and the smallest block. Otherwise
-    the unaligned single-process grid, with pieces exchanged.
+    for a value of that gcd's extent, with chunks of at most a quarter of the
+    smallest block (but at least 1/16 of ``chunk_bytes``), so that restoring
+    into another number of ranks reads little more than each rank's block.
+    Useful means at least the smaller of the unaligned chunk, 1/16 of
+    ``chunk_bytes`` and the smallest block. Otherwise the unaligned
+    single-process grid, with pieces exchanged.
     """
     default = ArrayLayout.plan(shape, dtype, chunk_bytes, compression)
+    smallest_block = min((_volume(b) for b in boxes if _volume(b)), default=0) * dtype.itemsize
+    # At least 4 chunks a block (down to 1/16 of chunk_bytes): a restore into
+    # another layout then reads little beyond its own block.
+    target = min(chunk_bytes, max(chunk_bytes // 16, smallest_block // _CHUNKS_PER_BLOCK))
     unit: list[int] = []
     edges: list[int] = []
     for axis, size in enumerate(shape):
@@ -216,13 +224,12 @@ def shard_layout(
         g = math.gcd(*inner) if inner else 0
         edges.append(g)
         unit.append(g or size)
-    tile = ArrayLayout.plan(tuple(unit), dtype, chunk_bytes, compression).chunk_shape
+    tile = ArrayLayout.plan(tuple(unit), dtype, target, compression).chunk_shape
     aligned = tuple(
         _largest_divisor_at_most(g, c) if g else c for g, c in zip(edges, tile, strict=True)
     )
     if not any(edges):
         return default, False
-    smallest_block = min((_volume(b) for b in boxes if _volume(b)), default=0) * dtype.itemsize
     useful = min(default.chunk_nbytes, chunk_bytes // 16, smallest_block)
     layout = ArrayLayout(tuple(shape), dtype, aligned, compression)
     if layout.chunk_nbytes >= useful:

@@ -13,6 +13,7 @@ Importing zarrckpt registers ``bfloat16`` and the float8 types with zarr, so
 plain ``zarr.open_array`` reads them.
 """
 
+from zarrckpt import distributed as distributed  # zc.distributed.TorchCoordinator, ...
 from zarrckpt._dtypes import register_ml_dtypes as _register_ml_dtypes
 from zarrckpt._graph import list_objects
 from zarrckpt.checkpoint import Checkpoint, CheckpointLoadStatus, InitializationOnlyStatus

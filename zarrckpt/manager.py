@@ -466,9 +466,15 @@ class CheckpointManager:
         self._entries.append(entry)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
+        error = ""
         if self._leader:
-            self._after_save(path)
-        self._share_state("after saving")
+            try:
+                self._after_save(path)
+            except Exception as exc:
+                if self._coordinator is None:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"  # the other ranks must hear of it
+        self._share_state("after saving", error)
         return path
 
     def _after_save(self, path: str) -> None:

@@ -22,6 +22,7 @@ imports neither torch nor mpi4py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ import numpy as np
 
 import zarrckpt as zc
 from zarrckpt.distributed import even_split
+from zarrckpt.errors import DistributedError, DistributedSaveError
 
 # name: (global shape, dtype). "table" is always a plain (replicated) Variable.
 VALUES: dict[str, tuple[tuple[int, ...], str]] = {
@@ -84,11 +87,15 @@ def block_of(name: str, layout: str, rank: int, world: int) -> Block | None:
     """Where rank ``rank`` of ``world`` holds ``name`` in ``layout``; None: a plain Variable.
 
     layouts: "mixed" (each value its own split, as VALUES says), "rows" (every
-    value split by rows, evenly), "cols" (by columns), "plain" (no blocks).
+    value split by rows, evenly), "cols" (by columns), "plain" (no blocks),
+    "mostly_plain" (only "bf16" and "grid" split, by rows).
     """
     shape, _ = VALUES[name]
     if layout == "plain" or name in REPLICATED:
         return None
+    if layout == "mostly_plain":
+        layout = "rows" if name in ("bf16", "grid") else "plain"
+        return block_of(name, layout, rank, world)
     if layout == "rows":
         return _split(shape[0], world, rank, 0, 2, shape)
     if layout == "cols":
@@ -132,10 +139,8 @@ def build(
         block = (blocks or {}).get(name, block_of(name, layout, rank, world))
         part_shape = shape if block is None else block[1]
         if version is None:
-            part = np.full(part_shape, 0x5A, np.uint8).view(dtype).reshape(part_shape)
-            if dtype.itemsize > 1:
-                part = np.full(math.prod(part_shape) * dtype.itemsize, 0x5A, np.uint8)
-                part = part.view(dtype).reshape(part_shape)
+            part = np.full(math.prod(part_shape) * dtype.itemsize, 0x5A, np.uint8)
+            part = part.view(dtype).reshape(part_shape)
         else:
             whole = global_value(name, version)
             part = whole if block is None else whole[region(block)]
@@ -164,12 +169,14 @@ class Rank:
 
             import torch.distributed as dist
 
+            log("torch imported")
             dist.init_process_group(
                 "gloo",
                 rank=int(os.environ["RANK"]),
                 world_size=int(os.environ["WORLD_SIZE"]),
                 timeout=datetime.timedelta(seconds=timeout),
             )
+            log("process group initialized")
             self.coordinator: Any = zc.distributed.TorchCoordinator(timeout=timeout)
         else:
             self.coordinator = zc.distributed.MPICoordinator(timeout=timeout)
@@ -190,7 +197,9 @@ class Rank:
         where = {}
         for name, variable in variables.items():
             array = variable.numpy()
-            np.save(self.out / f"{step}.rank{self.rank}.{name}.npy", array.view(bits_dtype(array.dtype)))
+            np.save(
+                self.out / f"{step}.rank{self.rank}.{name}.npy", array.view(bits_dtype(array.dtype))
+            )
             where[name] = {"offset": list(variable.offset), "shape": list(variable.shape)}
         return where
 
@@ -205,18 +214,19 @@ class Rank:
     # Scenarios ---------------------------------------------------------------
 
     def save(self, step: dict[str, Any]) -> dict[str, Any]:
-        """Save the model in ``layout`` at ``version`` to ``path`` (write) or ``prefix`` (save)."""
+        """Write the model in ``layout`` at ``version`` to ``path``; what this rank wrote."""
         ckpt, _ = build(step["layout"], self.rank, self.world, step.get("version", 0))
         options = zc.CheckpointOptions(chunk_bytes=step.get("chunk_bytes", CHUNK_BYTES))
-        written = _record_writes() if step.get("record_writes") else None
-        path = ckpt.write(
-            step["path"],
-            options=options,
-            storage_options=self.storage_options,
-            coordinator=self.coordinator,
-        )
+        written: list[str] = []
+        with _recording_writes(written, step.get("record_writes", False)):
+            path = ckpt.write(
+                step["path"],
+                options=options,
+                storage_options=self.storage_options,
+                coordinator=self.coordinator,
+            )
         result = {"path": path, "nbytes": ckpt.last_write_stats.nbytes}
-        if written is not None:
+        if step.get("record_writes"):
             result["written"] = written
         return result
 
@@ -242,7 +252,7 @@ class Rank:
         started = time.monotonic()
         try:
             ckpt.write(step["path"], coordinator=self.coordinator)
-        except zc.errors.DistributedSaveError as exc:
+        except DistributedSaveError as exc:
             return self.error(exc, started)
         return {"type": None}
 
@@ -263,7 +273,7 @@ class Rank:
         started = time.monotonic()
         try:
             ckpt.save(step["prefix"], options=options, coordinator=self.coordinator)
-        except zc.errors.DistributedSaveError as exc:
+        except DistributedSaveError as exc:
             result = self.error(exc, started)
         else:
             result = {"type": None}
@@ -272,11 +282,11 @@ class Rank:
         return result
 
     def killed_rank(self, step: dict[str, Any]) -> dict[str, Any]:
-        """A good save (ckpt-1), then a save during which the last rank SIGKILLs itself."""
+        """A good save (ckpt-1), then a save during which rank ``victim`` SIGKILLs itself."""
         ckpt, _ = build("mixed", self.rank, self.world, version=1)
         good = ckpt.save(step["prefix"], coordinator=self.coordinator)
-        self.record(step["name"], {"good": good})  # in case of what follows
-        victim = self.world - 1
+        self.record(step["name"], {"good": good})  # what the victim leaves
+        victim = step["victim"]
 
         def progress(nbytes: int) -> None:
             if self.rank == victim:
@@ -286,7 +296,7 @@ class Rank:
         started = time.monotonic()
         try:
             ckpt.save(step["prefix"], options=options, coordinator=self.coordinator)
-        except zc.errors.DistributedError as exc:
+        except DistributedError as exc:
             result = self.error(exc, started)
         else:
             result = {"type": None, "seconds": time.monotonic() - started}
@@ -313,9 +323,7 @@ class Rank:
                 block = block_of(name, "mixed", self.rank, self.world)
                 whole = global_value(name, step["first_version"] + i)
                 variable.assign(whole if block is None else whole[region(block)])
-            paths.append(
-                manager.save(options=zc.CheckpointOptions(chunk_bytes=CHUNK_BYTES))
-            )
+            paths.append(manager.save(options=zc.CheckpointOptions(chunk_bytes=CHUNK_BYTES)))
             views.append({"checkpoints": manager.checkpoints, "latest": manager.latest_checkpoint})
         if self.rank == 0:
             manager.wait()
@@ -324,33 +332,49 @@ class Rank:
         return result
 
     def run(self) -> int:
+        log(f"rank {self.rank} of {self.world} ready")
         for step in self.config["steps"]:
             scenario = getattr(self, step["scenario"])
             try:
                 result = scenario(step)
             except BaseException:
                 self.record(step["name"], {"unexpected": traceback.format_exc()})
+                log(f"step {step['name']!r} failed")
                 return 1
             self.record(step["name"], result)
+            log(f"step {step['name']!r} done")
         return 0
 
 
-def _record_writes() -> list[str]:
-    """Keys this process writes from now on, through LocalStorage (the test's instrument)."""
+EPOCH = float(os.environ.get("DIST_WORKER_EPOCH", time.time()))  # the parent's launch time
+
+
+def log(message: str) -> None:
+    """A line of the rank's log, timed from the launch (the parent shows failed launches' logs)."""
+    print(f"[{time.time() - EPOCH:7.2f} s] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def _recording_writes(keys: list[str], enabled: bool) -> Iterator[None]:
+    """Append to ``keys`` every key this process writes through LocalStorage meanwhile."""
     from zarrckpt._storage import LocalStorage
 
-    keys: list[str] = []
     original = LocalStorage.write
 
     def write(self: LocalStorage, key: str, parts: Any) -> None:
         keys.append(key)
         original(self, key, parts)
 
-    LocalStorage.write = write  # type: ignore[method-assign]
-    return keys
+    if enabled:
+        LocalStorage.write = write  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LocalStorage.write = original  # type: ignore[method-assign]
 
 
 def main() -> int:
+    log("imported")
     config = json.loads(Path(sys.argv[1]).read_text())
     rank = Rank(config)
     status = rank.run()
@@ -361,6 +385,7 @@ def main() -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+        log("exiting")
         # A group a rank left (died, or failed) may block at exit: leave at once.
         os._exit(status)
     return status

@@ -390,6 +390,21 @@ def _chunk_bytes(array: np.ndarray[Any, Any], region: tuple[slice, ...]) -> np.n
     return block.reshape(-1).view(np.uint8)
 
 
+def _pads_at_end(region_shape: tuple[int, ...], chunk_shape: tuple[int, ...]) -> bool:
+    """Whether a chunk holding ``region_shape`` stores its values first, then zero padding.
+
+    Zarr stores every chunk with its full chunk shape in C order, an edge
+    chunk padded with zeros along each short axis. That is the values
+    followed by padding only when the one short axis (if any) has no longer
+    axis before it: always for grids split along leading axes only, not for
+    a column chunk at the right edge (the padding is then inside each row).
+    """
+    short = [k for k, (r, c) in enumerate(zip(region_shape, chunk_shape, strict=True)) if r < c]
+    if not short:
+        return True
+    return len(short) == 1 and math.prod(chunk_shape[: short[0]]) == 1
+
+
 def _chunk_crc(data: memoryview | bytes, padding: bytes | bytearray = b"") -> int:
     """CRC32C of a chunk's stored bytes (values then zero padding)."""
     checksum: int = crc32c.crc32c(data)
@@ -409,7 +424,13 @@ def write_chunk(
     region = layout.region(coords)
     if origin is not None:
         region = tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, origin, strict=True))
-    data = _chunk_bytes(array, region).data
+    shape = tuple(r.stop - r.start for r in region)
+    if _pads_at_end(shape, layout.chunk_shape):
+        data = _chunk_bytes(array, region).data
+    else:  # an edge chunk short along an inner axis: zarr pads inside each row
+        whole = np.zeros(layout.chunk_shape, _little_endian(array.dtype))
+        whole[tuple(slice(0, n) for n in shape)] = array[region]
+        data = whole.reshape(-1).view(np.uint8).data
     padding = bytes(layout.chunk_nbytes - data.nbytes)
     if layout.compression is not None:
         raw = memoryview(bytes(data) + padding) if padding else data
@@ -629,19 +650,23 @@ def _read_chunk(
     if expected is None:
         raise MissingChunkError(f"{where} is not listed in _COMMIT")
     region = layout.region(coords) if region is None else region
-    valid = math.prod(r.stop - r.start for r in region) * layout.dtype.itemsize
+    shape = tuple(r.stop - r.start for r in region)
+    valid = math.prod(shape) * layout.dtype.itemsize
     padded = valid != layout.chunk_nbytes
+    # An edge chunk short along an inner axis holds padding inside its rows.
+    at_end = _pads_at_end(shape, layout.chunk_shape)
     # A compressed edge chunk decodes to its padded size, more than its region.
-    in_place = direct and not (layout.compression is not None and padded)
+    in_place = direct and at_end and not (layout.compression is not None and padded)
     if in_place:
         # The chunk's region is one contiguous run of ``out``: fill it there.
         start = sum(r.start * stride for r, stride in zip(region, out.strides, strict=True))
         target = out.reshape(-1).view(np.uint8)[start : start + valid].data
     else:
-        target = np.empty(layout.chunk_nbytes if layout.compression else valid, np.uint8).data
+        whole_chunk = layout.compression is not None or not at_end
+        target = np.empty(layout.chunk_nbytes if whole_chunk else valid, np.uint8).data
     try:
         if layout.compression is None:
-            padding = bytearray(layout.chunk_nbytes - valid)
+            padding = bytearray(layout.chunk_nbytes - target.nbytes)
             trailer_buffer = bytearray(_CRC_BYTES)
             storage.read_into(name, [target, memoryview(padding), memoryview(trailer_buffer)])
             trailer = memoryview(trailer_buffer)
@@ -675,9 +700,13 @@ def _read_chunk(
         raise CorruptCheckpointError(f"{where}: a bool chunk holds bytes other than 0 and 1")
     stats.add(size)
     if not in_place:
-        count = valid // layout.dtype.itemsize
-        values = np.frombuffer(target, dtype=_little_endian(layout.dtype), count=count)
-        out[region] = values.reshape(tuple(r.stop - r.start for r in region))
+        dtype = _little_endian(layout.dtype)
+        if at_end:
+            values = np.frombuffer(target, dtype, count=valid // layout.dtype.itemsize)
+            out[region] = values.reshape(shape)
+        else:
+            values = np.frombuffer(target, dtype).reshape(layout.chunk_shape)
+            out[region] = values[tuple(slice(0, n) for n in shape)]
 
 
 def read_selection(

@@ -27,6 +27,7 @@ import argparse
 import json
 
 import numpy as np
+
 import zarrckpt as zc
 from zarrckpt.distributed import MPICoordinator, even_split
 

@@ -20,7 +20,7 @@ import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from threaded_ranks import run_ranks
+from threaded_ranks import GatherOnlyCoordinator, ThreadCoordinator, run_ranks
 
 import zarrckpt as zc
 from zarrckpt import _storage
@@ -230,6 +230,38 @@ def test_a_replicated_value_is_written_once_and_the_ranks_balance_bytes(tmp_path
     assert max(written) - min(written) < 4000 * 4 + 2000  # balanced within one value's bytes
 
 
+@pytest.mark.parametrize("kind", [ThreadCoordinator, GatherOnlyCoordinator])
+def test_large_irregular_blocks_exchange_at_most_one_chunk_per_edge(
+    tmp_path: Any, kind: type[ThreadCoordinator]
+) -> None:
+    full = global_value((3001, 256))  # 3 MiB in blocks of 1001, 1000, 1000 rows: gcd 1
+    boxes = row_boxes(full.shape, 3)
+    path = str(tmp_path / "ckpt")
+    sent: list[int] = []
+
+    def work(coordinator: Any) -> Any:
+        exchange = type(coordinator).exchange_objects
+
+        if exchange is not None:
+
+            def counting(outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
+                sent.extend(p[3].nbytes for pieces in outgoing.values() for p in pieces)
+                return exchange(coordinator, outgoing, sources)
+
+            coordinator.exchange_objects = counting
+        ckpt = zc.Checkpoint(w=sharded(full, boxes[coordinator.rank]))
+        return ckpt.write(path, options=NO_FSYNC, coordinator=coordinator)
+
+    assert run_ranks(3, work, kind=kind) == [path] * 3
+    array = zarr.open_array(f"{path}/w/.ATTRIBUTES/VARIABLE_VALUE", mode="r")
+    assert array.chunks == (500, 256)  # at most half the thinnest block: a chunk spans <= 2
+    assert np.array_equal(array[...], full)
+    if kind is ThreadCoordinator:
+        # Edges at rows 1001 and 2001 cut chunks [1000:1500] and [2000:2500]; the rank
+        # holding most of each writes it, so one row of each is sent, not 499.
+        assert sent == [256 * 4, 256 * 4]
+
+
 def test_irregular_blocks_send_boundary_pieces_to_the_chunk_owner(tmp_path: Any) -> None:
     full = global_value((10, 6))
     path = str(tmp_path / "ckpt")
@@ -266,7 +298,7 @@ def test_irregular_blocks_send_boundary_pieces_to_the_chunk_owner(tmp_path: Any)
         (
             (1000003, 8),
             [[(0, 333335), (0, 8)], [(333335, 666669), (0, 8)], [(666669, 1000003), (0, 8)]],
-            (1000003, 8),
+            (55556, 8),  # irregular: at most half a block, so a chunk spans two blocks at most
             True,
         ),
     ],

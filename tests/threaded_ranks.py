@@ -61,9 +61,26 @@ class ThreadCoordinator:
         self._wait("all_gather_object")
         return result
 
+    def exchange_objects(self, outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
+        self.group.calls[self.rank] += 1
+        self.group.slots[self.rank] = copy.deepcopy(outgoing)
+        self._wait("exchange_objects")
+        result = {src: copy.deepcopy(self.group.slots[src][self.rank]) for src in sources}
+        self._wait("exchange_objects")
+        return result
+
+
+class GatherOnlyCoordinator(ThreadCoordinator):
+    """A coordinator with only the Protocol's collectives (pieces travel by all_gather)."""
+
+    exchange_objects = None  # type: ignore[assignment]
+
 
 def run_ranks(
-    world_size: int, work: Callable[[ThreadCoordinator], Any], timeout: float = 30.0
+    world_size: int,
+    work: Callable[[ThreadCoordinator], Any],
+    timeout: float = 30.0,
+    kind: type[ThreadCoordinator] = ThreadCoordinator,
 ) -> list[Any]:
     """Run ``work(coordinator)`` on ``world_size`` thread ranks; each rank's result or exception."""
     group = ThreadGroup(world_size, timeout)
@@ -71,7 +88,7 @@ def run_ranks(
 
     def run(rank: int) -> None:
         try:
-            results[rank] = work(ThreadCoordinator(group, rank))
+            results[rank] = work(kind(group, rank))
         except BaseException as exc:  # the others' next collective times out, as in real groups
             results[rank] = exc
 

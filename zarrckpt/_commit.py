@@ -352,9 +352,21 @@ class Commit(ABC):
             metadata=check_metadata(metadata, where=self.url),
             writer=writer_identity(),
         )
+        self.check_readable(manifest)
         self.check_written(every_file)
         self.publish(manifest)
         return manifest
+
+    def check_readable(self, manifest: Manifest) -> None:
+        """Refuse to commit a manifest that readers would refuse (too many files, too large)."""
+        size = len(manifest.encode())
+        if len(manifest.files) > _MAX_FILES or size > MAX_MANIFEST_BYTES:
+            raise InvalidArgumentError(
+                f"{self.url}: this checkpoint has {len(manifest.files)} files and a "
+                f"{size / (1 << 20):.1f} MiB _COMMIT manifest; readers accept at most "
+                f"{_MAX_FILES} files and {MAX_MANIFEST_BYTES >> 20} MiB. Use larger chunks "
+                "(CheckpointOptions.chunk_bytes) or fewer, larger values. Nothing was committed."
+            )
 
     def check_written(self, files: list[ChunkFile]) -> None:
         """Every file about to be listed in ``_COMMIT`` is there with its size (one listing).

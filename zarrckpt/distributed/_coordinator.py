@@ -23,6 +23,7 @@ __all__ = [
     "LocalCoordinator",
     "MPICoordinator",
     "TorchCoordinator",
+    "exchange_objects",
 ]
 
 DEFAULT_TIMEOUT = 600.0  # seconds; a save of many GiB per rank between two collectives fits
@@ -59,6 +60,25 @@ class Coordinator(Protocol):
         ...
 
 
+def exchange_objects(
+    coordinator: Coordinator, outgoing: dict[int, Any], sources: list[int]
+) -> dict[int, Any]:
+    """Send ``outgoing[dst]`` to each rank ``dst``; return ``{src: object}`` from ``sources``.
+
+    Every rank calls it; ``sources`` are the ranks that send to this one
+    (known from an earlier gather). A coordinator with an ``exchange_objects``
+    method sends point to point, so each rank receives only its own objects;
+    any other coordinator falls back to ``all_gather_object``, where every
+    rank receives everything.
+    """
+    method = getattr(coordinator, "exchange_objects", None)
+    if method is not None:
+        received: dict[int, Any] = method(outgoing, sources)
+        return received
+    gathered = coordinator.all_gather_object(outgoing)
+    return {src: gathered[src][coordinator.rank] for src in sources}
+
+
 class LocalCoordinator:
     """One process alone: rank 0 of 1 (the default wherever a coordinator is optional)."""
 
@@ -77,6 +97,10 @@ class LocalCoordinator:
     def all_gather_object(self, obj: Any) -> list[Any]:
         """``[obj]``."""
         return [obj]
+
+    def exchange_objects(self, outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
+        """What this rank sends itself."""
+        return {src: outgoing[0] for src in sources}
 
     def __repr__(self) -> str:
         return "<zarrckpt LocalCoordinator rank 0 of 1>"
@@ -123,6 +147,7 @@ class TorchCoordinator:
         )
         self._global_ranks = ranks if ranks is not None else list(range(dist.get_world_size()))
         self._rank = self._global_ranks.index(dist.get_rank())
+        self._broken: str | None = None  # the failure that made the group unusable
 
     @property
     def rank(self) -> int:
@@ -133,12 +158,21 @@ class TorchCoordinator:
         return len(self._global_ranks)
 
     def _failed(self, operation: str, exc: BaseException) -> DistributedError:
+        self._broken = f"{operation} failed ({exc})"
         return DistributedError(
             f"rank {self._rank}: {operation} over torch.distributed failed ({exc}); "
             f"a rank died or did not arrive within {self.timeout:g} s"
         )
 
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise DistributedError(
+                f"rank {self._rank}: this TorchCoordinator is unusable since an earlier "
+                f"collective {self._broken}; the ranks no longer agree on where they are"
+            )
+
     def barrier(self) -> None:
+        self._check_usable()
         try:
             self._dist.monitored_barrier(
                 group=self._group,
@@ -149,6 +183,7 @@ class TorchCoordinator:
             raise self._failed("barrier", exc) from exc
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        self._check_usable()
         holder = [obj if self._rank == src else None]
         try:
             self._dist.broadcast_object_list(holder, src=self._global_ranks[src], group=self._group)
@@ -157,12 +192,45 @@ class TorchCoordinator:
         return holder[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        self._check_usable()
         gathered: list[Any] = [None] * self.world_size
         try:
             self._dist.all_gather_object(gathered, obj, group=self._group)
         except Exception as exc:
             raise self._failed("all_gather_object", exc) from exc
         return gathered
+
+    def exchange_objects(self, outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
+        """Point to point: every (sender, receiver) pair in one global order.
+
+        Each rank takes part only in its own pairs, in ascending (sender,
+        receiver) order; the smallest pair not done yet always has both ends
+        ready, so the exchange cannot deadlock.
+        """
+        self._check_usable()
+        me = self._rank
+        pairs = sorted(
+            [(me, dst) for dst in outgoing if dst != me]
+            + [(src, me) for src in sources if src != me]
+        )
+        received: dict[int, Any] = {}
+        if me in sources:
+            received[me] = outgoing[me]
+        try:
+            for src, dst in pairs:
+                if src == me:
+                    self._dist.send_object_list(
+                        [outgoing[dst]], dst=self._global_ranks[dst], group=self._group
+                    )
+                else:
+                    holder: list[Any] = [None]
+                    self._dist.recv_object_list(
+                        holder, src=self._global_ranks[src], group=self._group
+                    )
+                    received[src] = holder[0]
+        except Exception as exc:
+            raise self._failed("exchange_objects", exc) from exc
+        return received
 
     def __repr__(self) -> str:
         return (
@@ -177,6 +245,8 @@ class MPICoordinator:
     MPI collectives cannot time out, so each one starts with a non-blocking
     barrier polled until ``timeout``: the collective itself begins only once
     every rank has arrived, and a rank that never does makes the others raise.
+    After a timeout the coordinator refuses every further collective (the
+    abandoned barrier could match a later one of the other ranks).
 
     Example:
         >>> coordinator = MPICoordinator()       # under mpiexec -n 4 python train.py
@@ -192,6 +262,7 @@ class MPICoordinator:
             ) from exc
         self.timeout = _seconds(timeout)
         self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self._broken: str | None = None
 
     @property
     def rank(self) -> int:
@@ -204,11 +275,19 @@ class MPICoordinator:
         return size
 
     def _everyone_arrived(self, operation: str) -> None:
+        if self._broken is not None:
+            # A barrier abandoned on timeout may still complete against a later
+            # collective of the other ranks: never enter another one.
+            raise DistributedError(
+                f"rank {self.rank}: this MPICoordinator is unusable since {self._broken}; "
+                "end the job (MPI.COMM_WORLD.Abort) rather than go on"
+            )
         request = self._comm.Ibarrier()
         deadline = time.monotonic() + self.timeout
         pause = 1e-4
         while not request.Test():
             if time.monotonic() > deadline:
+                self._broken = f"{operation} timed out after {self.timeout:g} s"
                 raise DistributedError(
                     f"rank {self.rank}: {operation} over MPI: not every rank arrived within "
                     f"{self.timeout:g} s (a rank died or hangs)"
@@ -227,6 +306,12 @@ class MPICoordinator:
         self._everyone_arrived("all_gather_object")
         gathered: list[Any] = self._comm.allgather(obj)
         return gathered
+
+    def exchange_objects(self, outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
+        """Point to point, as one ``alltoall``: each rank receives only its own objects."""
+        self._everyone_arrived("exchange_objects")
+        received = self._comm.alltoall([outgoing.get(r) for r in range(self.world_size)])
+        return {src: received[src] for src in sources}
 
     def __repr__(self) -> str:
         return (

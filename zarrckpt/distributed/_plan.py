@@ -9,14 +9,15 @@ replicated value. So every rank raises the same message, or writes its own
 part of one agreed layout, with no further round trip.
 
 Chunk grids. A chunk written by two ranks is a lost write waiting to happen,
-so every chunk has one owner: the rank whose block holds the chunk's first
-element. Where the block edges allow it, the chunk grid is aligned with them
-(chunk edges on every block edge, chunks no smaller than needed), and each
-rank writes straight from its own block. Where blocks are irregular (10 rows
-over 3 ranks), aligned chunks would be tiny: the grid stays the one a single
-process writes, and the few pieces of a chunk that lie in another rank's
-block are sent to the chunk's owner (per block edge at most one chunk along
-the split axis).
+so every chunk has one owner, which alone writes it. Where the block edges
+allow it, the chunk grid is aligned with them (chunk edges on every block
+edge, at least four chunks a block down to a useful size), so every chunk
+lies in one block and its owner writes it from its own memory. Where blocks
+are irregular (10 rows over 3 ranks), aligned chunks would be tiny: a small
+value keeps the single-process grid, a larger one gets chunks of at most
+half the thinnest block, so a chunk spans at most two blocks along each
+split axis. Such a chunk is owned by the rank holding most of it, and the
+other ranks send it their pieces (per block edge, at most one chunk).
 """
 
 from __future__ import annotations
@@ -109,14 +110,31 @@ class ValuePlan:
         return tuple((r.start, r.stop) for r in self.layout.region(coords))
 
     def owner(self, coords: tuple[int, ...]) -> int:
-        """The rank that writes chunk ``coords``."""
+        """The rank that writes chunk ``coords``: the one holding most of it (lowest on ties)."""
         if self.writer is not None:
             return self.writer
-        origin = tuple(i * c for i, c in zip(coords, self.layout.chunk_shape, strict=True))
-        for rank, box in self.blocks.items():
-            if all(a <= x < b for x, (a, b) in zip(origin, box, strict=True)):
-                return rank
-        raise AssertionError(f"{self.key}: no block holds chunk {coords}")  # tiling was checked
+        box = self.chunk_box(coords)
+        if not self.exchange:  # aligned: the chunk lies in one block, the one holding its origin
+            for rank, block in self.blocks.items():
+                if all(a <= x < b for (x, _), (a, b) in zip(box, block, strict=True)):
+                    return rank
+            raise AssertionError(f"{self.key}: no block holds chunk {coords}")  # tiling checked
+        ranks, starts, stops = self._arrays()
+        low = np.array([a for a, _ in box], dtype=np.int64)
+        high = np.array([b for _, b in box], dtype=np.int64)
+        overlap = np.clip(np.minimum(stops, high) - np.maximum(starts, low), 0, None)
+        return int(ranks[int(np.argmax(overlap.prod(axis=1)))])
+
+    def _arrays(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        cached: Any = self.__dict__.get("_cached_arrays")
+        if cached is None:
+            ranks = sorted(self.blocks)
+            ndim = len(self.layout.shape)
+            starts = np.array([[a for a, _ in self.blocks[r]] for r in ranks], np.int64)
+            stops = np.array([[b for _, b in self.blocks[r]] for r in ranks], np.int64)
+            cached = (np.array(ranks), starts.reshape(-1, ndim), stops.reshape(-1, ndim))
+            self.__dict__["_cached_arrays"] = cached
+        return cached  # type: ignore[no-any-return]
 
     def touching(self, box: Box) -> Iterator[tuple[int, ...]]:
         """Grid coordinates of every chunk that overlaps ``box``."""
@@ -127,6 +145,13 @@ class ValuePlan:
         for index in np.ndindex(*[len(r) for r in ranges]):
             yield tuple(r[i] for r, i in zip(ranges, index, strict=True))
 
+    def inside(self, coords: tuple[int, ...], rank: int) -> bool:
+        """Whether chunk ``coords`` lies entirely in ``rank``'s block."""
+        block = self.blocks[rank]
+        return all(
+            a <= x and y <= b for (x, y), (a, b) in zip(self.chunk_box(coords), block, strict=True)
+        )
+
     def owned_by(self, rank: int) -> list[tuple[int, ...]]:
         """The chunks ``rank`` writes, in grid order."""
         if self.writer is not None:
@@ -134,13 +159,19 @@ class ValuePlan:
         box = self.blocks.get(rank)
         if box is None or _volume(box) == 0:
             return []
-        ranges = [
-            range(-(-a // c), -(-b // c))
-            for (a, b), c in zip(box, self.layout.chunk_shape, strict=True)
-        ]
+        if not self.exchange:
+            ranges = [
+                range(-(-a // c), -(-b // c))
+                for (a, b), c in zip(box, self.layout.chunk_shape, strict=True)
+            ]
+            return [
+                tuple(r[i] for r, i in zip(ranges, index, strict=True))
+                for index in np.ndindex(*[len(r) for r in ranges])
+            ]
         return [
-            tuple(r[i] for r, i in zip(ranges, index, strict=True))
-            for index in np.ndindex(*[len(r) for r in ranges])
+            coords
+            for coords in self.touching(box)
+            if self.inside(coords, rank) or self.owner(coords) == rank
         ]
 
 
@@ -209,8 +240,10 @@ def shard_layout(
     smallest block (but at least 1/16 of ``chunk_bytes``), so that restoring
     into another number of ranks reads little more than each rank's block.
     Useful means at least the smaller of the unaligned chunk, 1/16 of
-    ``chunk_bytes`` and the smallest block. Otherwise the unaligned
-    single-process grid, with pieces exchanged.
+    ``chunk_bytes`` and the smallest block. Otherwise chunks cross block
+    edges and their pieces are exchanged: a small value (at most 1/16 of
+    ``chunk_bytes``) keeps the single-process grid; a larger one gets chunks
+    of at most half the thinnest block along each split axis.
     """
     default = ArrayLayout.plan(shape, dtype, chunk_bytes, compression)
     smallest_block = min((_volume(b) for b in boxes if _volume(b)), default=0) * dtype.itemsize
@@ -234,7 +267,17 @@ def shard_layout(
     layout = ArrayLayout(tuple(shape), dtype, aligned, compression)
     if layout.chunk_nbytes >= useful:
         return layout, False
-    return default, True
+    if math.prod(shape) * dtype.itemsize <= chunk_bytes // 16:
+        return default, True  # small: its few chunks gather at their owners
+    # Irregular blocks: chunks of at most half the thinnest block along each
+    # split axis, so a chunk spans at most two blocks and an owner receives
+    # at most one chunk per block edge.
+    halves = []
+    for axis, size in enumerate(shape):
+        extents = [b - a for box in boxes if _volume(box) for a, b in [box[axis]]]
+        halves.append(max(1, min(extents) // 2) if edges[axis] else size)
+    thin = ArrayLayout.plan(tuple(halves), dtype, target, compression).chunk_shape
+    return ArrayLayout(tuple(shape), dtype, thin, compression), True
 
 
 def make_global_plan(
@@ -311,6 +354,8 @@ def _check_tiling(key: str, shape: tuple[int, ...], boxes: dict[int, Box]) -> No
                 f"shape {list(shape)}"
             )
     ranks = [r for r, box in boxes.items() if _volume(box)]
+    if _is_grid_of_cells(shape, [boxes[r] for r in ranks]):
+        return
     if ranks:
         starts = np.array([[a for a, _ in boxes[r]] for r in ranks], dtype=np.int64)
         stops = np.array([[b for _, b in boxes[r]] for r in ranks], dtype=np.int64)
@@ -343,3 +388,21 @@ def _check_tiling(key: str, shape: tuple[int, ...], boxes: dict[int, Box]) -> No
                 else ""
             )
         )
+
+
+def _is_grid_of_cells(shape: tuple[int, ...], boxes: list[Box]) -> bool:
+    """Whether the boxes are the cells of one grid, each once: an exact tiling, in O(blocks).
+
+    The common layouts (rows, columns, a 2-D mesh) are; the pairwise overlap
+    check, quadratic in the number of blocks, is left for the others.
+    """
+    edges = [
+        {edge: i for i, edge in enumerate(sorted({a for box in boxes for a in box[axis]} | {0, n}))}
+        for axis, n in enumerate(shape)
+    ]
+    cells = math.prod(len(e) - 1 for e in edges)
+    if len(boxes) != cells or len(set(boxes)) != cells:
+        return False
+    return all(
+        edges[axis][b] == edges[axis][a] + 1 for box in boxes for axis, (a, b) in enumerate(box)
+    )

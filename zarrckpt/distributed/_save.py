@@ -44,7 +44,7 @@ from zarrckpt.array_io import (
     write_chunk,
     write_file,
 )
-from zarrckpt.distributed._coordinator import Coordinator
+from zarrckpt.distributed._coordinator import Coordinator, exchange_objects
 from zarrckpt.distributed._plan import (
     Box,
     GlobalPlan,
@@ -80,10 +80,12 @@ def _failures(reports: list[tuple[str | None, Any]]) -> dict[int, str]:
 def _failed_message(path: str, what: str, failures: dict[int, str]) -> str:
     ranks = sorted(failures)
     shown = "; ".join(f"rank {r}: {failures[r]}" for r in ranks[:8])
-    more = f" and {len(ranks) - 8} more ranks" if len(ranks) > 8 else ""
+    names = ", ".join(map(str, ranks[:8])) + (
+        f" and {len(ranks) - 8} more" if len(ranks) > 8 else ""
+    )
     return (
         f"{path}: distributed save failed {what} on rank{'s' if len(ranks) > 1 else ''} "
-        f"{ranks[:8]}{more} ({shown}); nothing was committed"
+        f"{names} ({shown}); nothing was committed"
     )
 
 
@@ -223,9 +225,9 @@ class _Save:
                 mine = value.blocks[self.rank]
                 array = self.arrays[value.key]
                 for coords in value.touching(mine):
+                    if value.inside(coords, self.rank) or value.owner(coords) == self.rank:
+                        continue  # this rank writes it
                     box = value.chunk_box(coords)
-                    if all(a <= c < b for (c, _), (a, b) in zip(box, mine, strict=True)):
-                        continue  # its first element is in this block: this rank owns it
                     part = intersect(box, mine)
                     if part is None:
                         continue
@@ -238,15 +240,21 @@ class _Save:
             self.local_error = exc
             error = _text(exc)
             outgoing.clear()
-        reports = self._gather((error, dict(outgoing)), "sending chunk pieces to their owners")
+        counts = {dst: len(pieces) for dst, pieces in outgoing.items()}
+        reports = self._gather((error, counts), "planning the exchange of chunk pieces")
         failures = _failures(reports)
         if failures:
             self._raise(
                 self._fail(_failed_message(self.path, "exchanging pieces", failures), failures)
             )
+        sources = [src for src, (_, sent) in enumerate(reports) if sent.get(self.rank)]
+        try:
+            received = exchange_objects(self.coordinator, dict(outgoing), sources)
+        except DistributedError as exc:
+            raise self._fail(f"sending chunk pieces to their owners: {exc}", {}) from exc
         incoming: dict[tuple[str, tuple[int, ...]], list[Piece]] = defaultdict(list)
-        for _, sent in reports:
-            for piece in sent.get(self.rank, []):
+        for src in sources:
+            for piece in received[src]:
                 incoming[(piece[0], piece[1])].append(piece)
         return incoming
 
@@ -331,6 +339,11 @@ class _Save:
         error: str | None = None
         files: list[tuple[str, int, int]] = []
         try:
+            if isinstance(storage, LocalStorage) and not os.path.isdir(storage.root):
+                raise FileNotFoundError(
+                    f"rank 0's temporary directory {storage.root} does not exist here: the "
+                    "checkpoint path must be on a filesystem every rank shares"
+                )
             written = run_tasks(self.tasks(plan, storage, incoming), self.options, self.stats)
             storage.sync()
             files = [(f.key, f.size, f.crc32c) for f in written]

@@ -573,3 +573,46 @@ def test_import_zarrckpt_imports_neither_torch_nor_mpi4py():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert json.loads(done.stdout) == []
+
+
+LATE_RANK = """
+import json, sys, time
+from zarrckpt.distributed import MPICoordinator
+from zarrckpt.errors import DistributedError
+
+c = MPICoordinator(timeout=1.0)
+if c.rank == 2:
+    time.sleep(2.5)  # arrives after the others gave up
+out = {}
+for step in ("first", "second"):
+    start = time.monotonic()
+    try:
+        out[step] = repr(c.all_gather_object(c.rank))
+    except DistributedError as exc:
+        out[step] = str(exc)
+    out[step + "_seconds"] = time.monotonic() - start
+with open(f"{sys.argv[1]}/rank{c.rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_mpi_ranks_that_time_out_raise_and_a_late_rank_never_hangs(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK)
+    start = time.monotonic()
+    done = subprocess.run(
+        [_mpiexec(), "-n", "3", sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - start < 30
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert "rank 2 did not arrive within 1 s" in results[0]["first"]
+    assert "rank 0 did not arrive within 1 s" in results[1]["first"]
+    assert "rank 0 did not arrive within 1 s" in results[2]["first"]  # late: rank 0 gave up
+    for result in results:
+        assert result["first_seconds"] < 5
+        assert "unusable since all_gather_object timed out" in result["second"]
+        assert result["second_seconds"] < 0.5

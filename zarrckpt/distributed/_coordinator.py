@@ -242,16 +242,23 @@ class TorchCoordinator:
 class MPICoordinator:
     """Collectives over an MPI communicator (``mpi4py``; default ``COMM_WORLD``, duplicated).
 
-    MPI collectives cannot time out, so each one starts with a non-blocking
-    barrier polled until ``timeout``: the collective itself begins only once
-    every rank has arrived, and a rank that never does makes the others raise.
-    After a timeout the coordinator refuses every further collective (the
-    abandoned barrier could match a later one of the other ranks).
+    MPI's collectives cannot time out, so these are built from non-blocking
+    point-to-point messages, each waited for until ``timeout``: a gather is
+    every rank sending to rank 0, which answers every rank; a broadcast is
+    the source sending to every rank; an exchange sends straight to each
+    receiver. A rank that died or never arrives makes the others raise
+    :class:`~zarrckpt.errors.DistributedError`, never hang. Messages carry
+    the collective's sequence number as their tag, so a rank that arrives
+    late never takes a message of another collective. After a timeout the
+    coordinator refuses every further collective: end the job then
+    (``MPI.COMM_WORLD.Abort``), as the ranks no longer agree on where they are.
 
     Example:
         >>> coordinator = MPICoordinator()       # under mpiexec -n 4 python train.py
         >>> ckpt.save("/shared/run/ckpt", coordinator=coordinator)
     """
+
+    _TAGS = 30000  # MPI guarantees tags up to 32767
 
     def __init__(self, comm: Any = None, timeout: float | datetime.timedelta = DEFAULT_TIMEOUT):
         try:
@@ -262,56 +269,96 @@ class MPICoordinator:
             ) from exc
         self.timeout = _seconds(timeout)
         self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self._rank: int = self._comm.Get_rank()
+        self._size: int = self._comm.Get_size()
         self._broken: str | None = None
+        self._sequence = 0
 
     @property
     def rank(self) -> int:
-        rank: int = self._comm.Get_rank()
-        return rank
+        return self._rank
 
     @property
     def world_size(self) -> int:
-        size: int = self._comm.Get_size()
-        return size
+        return self._size
 
-    def _everyone_arrived(self, operation: str) -> None:
+    def _start(self, operation: str) -> tuple[int, float, list[Any]]:
+        """A new collective: its tag, its deadline and a list for its sends."""
         if self._broken is not None:
-            # A barrier abandoned on timeout may still complete against a later
-            # collective of the other ranks: never enter another one.
             raise DistributedError(
-                f"rank {self.rank}: this MPICoordinator is unusable since {self._broken}; "
+                f"rank {self._rank}: this MPICoordinator is unusable since {self._broken}; "
                 "end the job (MPI.COMM_WORLD.Abort) rather than go on"
             )
-        request = self._comm.Ibarrier()
-        deadline = time.monotonic() + self.timeout
+        self._sequence = self._sequence % self._TAGS + 1
+        return self._sequence, time.monotonic() + self.timeout, []
+
+    def _timed_out(self, operation: str, waiting_for: str) -> DistributedError:
+        self._broken = f"{operation} timed out after {self.timeout:g} s"
+        return DistributedError(
+            f"rank {self._rank}: {operation} over MPI: {waiting_for} did not arrive within "
+            f"{self.timeout:g} s (a rank died or hangs)"
+        )
+
+    def _receive(self, source: int, tag: int, deadline: float, operation: str) -> Any:
         pause = 1e-4
-        while not request.Test():
+        while not self._comm.iprobe(source=source, tag=tag):
             if time.monotonic() > deadline:
-                self._broken = f"{operation} timed out after {self.timeout:g} s"
-                raise DistributedError(
-                    f"rank {self.rank}: {operation} over MPI: not every rank arrived within "
-                    f"{self.timeout:g} s (a rank died or hangs)"
-                )
+                raise self._timed_out(operation, f"rank {source}")
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
+        return self._comm.recv(source=source, tag=tag)
+
+    def _finish(self, sends: list[Any], deadline: float, operation: str) -> None:
+        pause = 1e-4
+        for request in sends:
+            while not request.Test():
+                if time.monotonic() > deadline:
+                    raise self._timed_out(operation, "a receiver")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
 
     def barrier(self) -> None:
-        self._everyone_arrived("barrier")
+        self.all_gather_object(None)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        self._everyone_arrived("broadcast_object")
-        return self._comm.bcast(obj, root=src)
+        tag, deadline, sends = self._start("broadcast_object")
+        if self._rank == src:
+            for rank in range(self._size):
+                if rank != src:
+                    sends.append(self._comm.isend(obj, dest=rank, tag=tag))
+            self._finish(sends, deadline, "broadcast_object")
+            return obj
+        return self._receive(src, tag, deadline, "broadcast_object")
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        self._everyone_arrived("all_gather_object")
-        gathered: list[Any] = self._comm.allgather(obj)
+        tag, deadline, sends = self._start("all_gather_object")
+        if self._rank != 0:
+            sends.append(self._comm.isend(obj, dest=0, tag=tag))
+            gathered: list[Any] = self._receive(0, tag, deadline, "all_gather_object")
+            self._finish(sends, deadline, "all_gather_object")
+            return gathered
+        gathered = [obj] + [
+            self._receive(rank, tag, deadline, "all_gather_object") for rank in range(1, self._size)
+        ]
+        for rank in range(1, self._size):
+            sends.append(self._comm.isend(gathered, dest=rank, tag=tag))
+        self._finish(sends, deadline, "all_gather_object")
         return gathered
 
     def exchange_objects(self, outgoing: dict[int, Any], sources: list[int]) -> dict[int, Any]:
-        """Point to point, as one ``alltoall``: each rank receives only its own objects."""
-        self._everyone_arrived("exchange_objects")
-        received = self._comm.alltoall([outgoing.get(r) for r in range(self.world_size)])
-        return {src: received[src] for src in sources}
+        """Point to point: each rank receives only its own objects."""
+        tag, deadline, sends = self._start("exchange_objects")
+        for rank, obj in outgoing.items():
+            if rank != self._rank:
+                sends.append(self._comm.isend(obj, dest=rank, tag=tag))
+        received = {
+            src: outgoing[src]
+            if src == self._rank
+            else self._receive(src, tag, deadline, "exchange_objects")
+            for src in sources
+        }
+        self._finish(sends, deadline, "exchange_objects")
+        return received
 
     def __repr__(self) -> str:
         return (

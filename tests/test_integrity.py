@@ -537,3 +537,16 @@ def test_every_chunk_copied_in_from_another_checkpoint_is_detected(tmp_path):
         with pytest.raises(ChecksumError, match="another place, checkpoint or time"):
             zc.load_variable(paths[0], str(chunk).split("/c/")[0])
         (paths[0] / chunk).write_bytes(saved)
+
+
+@pytest.mark.parametrize("limit", ["_MAX_FILES", "MAX_MANIFEST_BYTES"])
+def test_a_save_readers_would_refuse_is_never_committed(tmp_path, monkeypatch, limit) -> None:
+    """Readers refuse a manifest over these limits, so a writer must refuse to commit it."""
+    from zarrckpt import _commit
+
+    monkeypatch.setattr(_commit, limit, 5 if limit == "_MAX_FILES" else 300)
+    ckpt = zc.Checkpoint(a=zc.Variable(np.ones(3)), b=zc.Variable(np.ones(2)))
+    with pytest.raises(zc.errors.InvalidArgumentError, match="Nothing was committed") as info:
+        ckpt.write(str(tmp_path / "c"))
+    assert "readers accept at most" in str(info.value)
+    assert os.listdir(tmp_path) == []

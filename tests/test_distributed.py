@@ -682,3 +682,37 @@ def test_edge_chunks_short_along_an_inner_axis_are_padded_inside_rows_as_zarr_do
     zc.Checkpoint(w=whole).restore(path).assert_consumed()
     assert np.array_equal(whole.numpy(), full)
     assert np.array_equal(zc.load_variable(path, "w", np.s_[2:9, 7:11]), full[2:9, 7:11])
+
+
+def test_ranks_saving_into_a_missing_bucket_are_told_to_create_it(s3_storage_options: Any) -> None:
+    bucket = f"missing-{uuid.uuid4().hex[:12]}"
+    full = global_value((8, 4))
+    results = save_ranks(
+        f"s3://{bucket}/run/ckpt",
+        {"w": full},
+        {"w": row_boxes(full.shape, 2)},
+        2,
+        storage_options=s3_storage_options,
+    )
+    assert all(isinstance(r, DistributedSaveError) for r in results), results
+    assert all(set(r.failures) == {0, 1} for r in results)
+    assert bucket in str(results[0]) and "never creates buckets" in str(results[0])
+
+
+def test_s3_distributed_save_and_restore_by_another_number_of_ranks(
+    s3_url: str, s3_storage_options: Any
+) -> None:
+    full = global_value((96, 40))
+    path = f"{s3_url}/run/ckpt"
+    results = save_ranks(
+        path, {"w": full}, {"w": row_boxes(full.shape, 3)}, 3, storage_options=s3_storage_options
+    )
+    assert [r[0] for r in results] == [path] * 3
+    layouts = {"w": row_boxes(full.shape, 2, axis=1)}
+    outcome = restore_ranks(path, {"w": full}, layouts, 2, storage_options=s3_storage_options)
+    assert [ok for ok, _ in outcome] == [True, True]
+    group = zc.inspection.zarr_group_url(path, storage_options=s3_storage_options)
+    array = zarr.open_array(
+        f"{group}/w/.ATTRIBUTES/VARIABLE_VALUE", mode="r", storage_options=s3_storage_options
+    )
+    assert np.array_equal(array[...], full)

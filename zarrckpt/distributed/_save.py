@@ -182,6 +182,7 @@ class _Save:
         """Rank 0 creates the attempt; every rank opens it."""
         opened: tuple[str, str, bool]  # (error or "", where, exists)
         if self.rank == 0:
+            commit: Commit | None = None
             try:
                 commit = begin_commit(
                     self.path,
@@ -195,7 +196,7 @@ class _Save:
                 opened = ("", where, False)
             except BaseException as exc:
                 self.local_error = exc
-                clearer = commit.explain_failure(exc) if "commit" in locals() else None
+                clearer = commit.explain_failure(exc) if commit is not None else None
                 shown = clearer if clearer is not None else exc
                 opened = (str(shown), "", isinstance(exc, CheckpointExistsError))
         else:
@@ -211,6 +212,14 @@ class _Save:
         if is_local(fs):
             return LocalStorage(where, fsync=self.options.fsync, threads=self.options.threads)
         return FsspecStorage(fs, f"{root.rstrip('/')}/{where}")
+
+    def _explained(self, exc: BaseException) -> BaseException:
+        """A clearer error for a failed write when the storage can name its cause (a bucket)."""
+        try:
+            commit = self.commit or begin_commit(self.path, self.storage_options)
+            return commit.explain_failure(exc) or exc
+        except Exception:
+            return exc
 
     def exchange(self, plan: GlobalPlan) -> dict[tuple[str, tuple[int, ...]], list[Piece]]:
         """Send the pieces of chunks other ranks own; receive those of the chunks this rank owns."""
@@ -349,7 +358,7 @@ class _Save:
             files = [(f.key, f.size, f.crc32c) for f in written]
         except BaseException as exc:
             self.local_error = exc
-            error = _text(exc)
+            error = _text(self._explained(exc))
         reports = self._gather((error, files), "reporting the files written")
         failures = _failures(reports)
         if failures:

@@ -301,6 +301,13 @@ class Rank:
         else:
             result = {"type": None, "seconds": time.monotonic() - started}
         result["good"] = good
+        try:  # the group lost a rank: the coordinator refuses to go on, at once
+            started = time.monotonic()
+            self.coordinator.barrier()
+            result["after"] = "barrier passed"
+        except DistributedError as exc:
+            result["after"] = str(exc)
+        result["after_seconds"] = time.monotonic() - started
         return result
 
     def manager(self, step: dict[str, Any]) -> dict[str, Any]:

@@ -414,6 +414,8 @@ def test_a_killed_rank_makes_the_survivors_raise_within_the_timeout(tmp_path, vi
         assert result["type"] in ("DistributedSaveError", "DistributedError"), result
         assert result["seconds"] < timeout + 10, result
         assert result["good"] == good
+        assert "unusable since an earlier collective" in result["after"], result
+        assert result["after_seconds"] < 1, result
     assert not (directory / "ckpt-2").exists()
     restore_in_one_process(good, version=1)
 

@@ -291,6 +291,8 @@ def test_irregular_blocks_send_boundary_pieces_to_the_chunk_owner(tmp_path: Any)
         # Blocks of 8 MiB and 4 MiB: 2 MiB, 1/16 of chunk_bytes, is the smallest chunk.
         ((4096, 4096), [[(512 * i, 512 * i + 512), (0, 4096)] for i in range(8)], (128, 4096), 0),
         ((4096, 4096), [[(256 * i, 256 * i + 256), (0, 4096)] for i in range(16)], (128, 4096), 0),
+        # Even splits whose balanced chunks land below the 2 MiB target stay aligned.
+        ((3840, 768), [[(960 * i, 960 * i + 960), (0, 768)] for i in range(4)], (480, 768), 0),
         # Blocks of 512 MiB: 32 MiB chunks.
         ((65536, 4096), [[(0, 32768), (0, 4096)], [(32768, 65536), (0, 4096)]], (2048, 4096), 0),
         ((10, 6), [[(0, 4), (0, 6)], [(4, 7), (0, 6)], [(7, 10), (0, 6)]], (10, 6), True),

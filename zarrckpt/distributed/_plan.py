@@ -239,8 +239,8 @@ def shard_layout(
     for a value of that gcd's extent, with chunks of at most a quarter of the
     smallest block (but at least 1/16 of ``chunk_bytes``), so that restoring
     into another number of ranks reads little more than each rank's block.
-    Useful means at least the smaller of the unaligned chunk, 1/16 of
-    ``chunk_bytes`` and the smallest block. Otherwise chunks cross block
+    Useful means at least the smaller of the unaligned chunk, 1/8 of that
+    target and the smallest block. Otherwise chunks cross block
     edges and their pieces are exchanged: a small value (at most 1/16 of
     ``chunk_bytes``) keeps the single-process grid; a larger one gets chunks
     of at most half the thinnest block along each split axis.
@@ -263,7 +263,8 @@ def shard_layout(
     )
     if not any(edges):
         return default, False
-    useful = min(default.chunk_nbytes, chunk_bytes // 16, smallest_block)
+    # Balanced rows and divisors land below the target: only much smaller is tiny.
+    useful = min(default.chunk_nbytes, target // 8, smallest_block)
     layout = ArrayLayout(tuple(shape), dtype, aligned, compression)
     if layout.chunk_nbytes >= useful:
         return layout, False

@@ -22,6 +22,7 @@ left behind is an uncommitted attempt that :func:`zarrckpt.gc` removes.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import defaultdict
 from functools import partial
@@ -280,11 +281,12 @@ class _Save:
             layout = value.layout
             cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
             array = self.arrays[value.key]
-            if self.rank == 0:
+            if self._writes_metadata(value):
                 data = layout.metadata()
                 tasks.append(
                     (len(data), partial(write_file, storage, f"{value.key}/zarr.json", data, stats))
                 )
+            if self.rank == 0:
                 parts = value.key.split("/")
                 groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
             if value.writer is not None:
@@ -315,6 +317,12 @@ class _Save:
                     (len(data), partial(write_file, storage, f"{group}/zarr.json", data, stats))
                 )
         return tasks
+
+    def _writes_metadata(self, value: ValuePlan) -> bool:
+        """Whether this rank writes the value's ``zarr.json``: the writer of its first chunk."""
+        if math.prod(value.layout.grid) == 0:
+            return self.rank == 0
+        return value.owner((0,) * len(value.layout.shape)) == self.rank
 
     def _write_assembled(
         self, storage: Storage, value: ValuePlan, coords: tuple[int, ...], pieces: list[Piece]

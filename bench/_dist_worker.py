@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -145,6 +146,28 @@ def rchar() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
+_http_body = [0]  # HTTP response body bytes received by this process (S3 reads)
+
+
+def count_http_body_bytes() -> None:
+    """Count every HTTP response body byte aiohttp receives (s3fs, for both libraries).
+
+    Socket reads (recv) do not count in /proc/self/io's rchar, so S3 reads are
+    counted where aiohttp's parser hands each piece of a body to its stream.
+    """
+    import aiohttp.streams
+
+    original = aiohttp.streams.StreamReader.feed_data
+    lock = threading.Lock()
+
+    def feed_data(self: Any, data: bytes, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            _http_body[0] += len(data)
+        return original(self, data, *args, **kwargs)
+
+    aiohttp.streams.StreamReader.feed_data = feed_data  # type: ignore[method-assign]
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -176,6 +199,10 @@ class Worker:
         self.zc = zc
         self.coordinator = TorchCoordinator(timeout=job["timeout"])
         self.s3 = job["s3"]  # storage options, or None
+        self.profile_rank = job.get("profile_rank")
+        self.profile_dir = job.get("profile_dir", ".")
+        if self.s3 is not None:
+            count_http_body_bytes()
         started = time.perf_counter()
         self.state = State(job["specs"], job["seed"], self.rank, self.world)
         self.build_seconds = time.perf_counter() - started
@@ -235,11 +262,22 @@ class Worker:
         self.dist.barrier()
         rss_before = _status_kib("VmRSS")
         reset_peak()
-        read_before = rchar()
+        read_before, http_before = rchar(), _http_body[0]
+        profile = None
+        if self.rank == self.profile_rank and state is self.state:
+            import cProfile
+
+            profile = cProfile.Profile()
+            profile.enable()
         start = time.perf_counter()
         info = (self._save if op == "save" else self._load)(state, lib, storage, path)
         own = time.perf_counter() - start
+        if profile is not None:
+            profile.disable()
+            name = f"{op}-{lib}-{storage}-world{self.world}-{os.path.basename(path)}.pstats"
+            profile.dump_stats(os.path.join(self.profile_dir, name))
         read = rchar() - read_before
+        http = _http_body[0] - http_before
         peak = _status_kib("VmHWM")
         self.dist.barrier()
         seconds = time.perf_counter() - start
@@ -247,6 +285,8 @@ class Worker:
             "seconds": seconds,
             "own_seconds": own,
             "rchar": read,
+            "http_body": http,
+            "read": read + http,
             "needed": state.needed,
             "peak_extra": peak - rss_before,
             "rss_before": rss_before,
@@ -270,21 +310,26 @@ class Worker:
                 path = f"{root}/warmup-{lib}-w{self.world}"
                 self.measured("save", self.small, lib, storage, path)
                 self.measured("load", self.small, lib, storage, path)
-        return {"seconds": time.perf_counter() - started, "build_seconds": self.build_seconds,
-                "rss": _status_kib("VmRSS")}
+        return {
+            "seconds": time.perf_counter() - started,
+            "build_seconds": self.build_seconds,
+            "rss": _status_kib("VmRSS"),
+        }
 
     def handle(self, command: dict[str, Any]) -> dict[str, Any]:
         op = command["op"]
         if op == "warmup":
             return self.warmup(command["local"], command.get("s3"))
         if op in ("save", "load"):
-            return self.measured(op, self.state, command["lib"], command["storage"],
-                                 command["path"])
+            return self.measured(
+                op, self.state, command["lib"], command["storage"], command["path"]
+            )
         raise ValueError(f"unknown op {op!r}")
 
 
 def main(argv: list[str]) -> int:
-    job = json.loads(open(argv[1]).read())
+    with open(argv[1]) as f:
+        job = json.loads(f.read())
     answers = os.fdopen(int(argv[2]), "w", buffering=1)
     os.dup2(2, 1)  # anything printed goes to the log, not into the answers
     sys.stdout = sys.stderr

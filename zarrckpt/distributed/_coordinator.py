@@ -34,7 +34,10 @@ class Coordinator(Protocol):
     """The collectives a distributed save needs; every rank calls each one in the same order.
 
     Implementations raise :class:`~zarrckpt.errors.DistributedError` when a
-    collective fails or times out (a rank died, or never arrived).
+    collective fails or times out (a rank died, or never arrived). They may
+    also offer ``exchange_objects(outgoing, sources)`` (see
+    :func:`exchange_objects`) to send objects point to point; the
+    coordinators here do, and any other works without it.
     """
 
     @property

@@ -718,3 +718,14 @@ def test_s3_distributed_save_and_restore_by_another_number_of_ranks(
         f"{group}/w/.ATTRIBUTES/VARIABLE_VALUE", mode="r", storage_options=s3_storage_options
     )
     assert np.array_equal(array[...], full)
+
+
+def test_a_rank_holding_none_of_a_value_passes_an_empty_block(tmp_path: Any) -> None:
+    full = global_value((12, 5))
+    boxes = [[(0, 7), (0, 5)], [(7, 12), (0, 5)], [(0, 0), (0, 5)]]  # rank 2: no rows
+    path = str(tmp_path / "ckpt")
+    results = save_ranks(path, {"w": full}, {"w": boxes}, 3)
+    assert [r[0] for r in results] == [path] * 3
+    assert results[2][1].nbytes == 0  # it wrote nothing
+    assert np.array_equal(zc.load_variable(path, "w"), full)
+    assert [ok for ok, _ in restore_ranks(path, {"w": full}, {"w": boxes}, 3)] == [True] * 3

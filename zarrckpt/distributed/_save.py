@@ -235,8 +235,11 @@ class _Save:
                 mine = value.blocks[self.rank]
                 array = self.arrays[value.key]
                 for coords in value.touching(mine):
-                    if value.inside(coords, self.rank) or value.owner(coords) == self.rank:
-                        continue  # this rank writes it
+                    if value.inside(coords, self.rank):
+                        continue
+                    owner = value.owner(coords)
+                    if owner == self.rank:
+                        continue  # this rank writes it, with the others' pieces
                     box = value.chunk_box(coords)
                     part = intersect(box, mine)
                     if part is None:
@@ -245,7 +248,7 @@ class _Save:
                         slice(a - o, b - o) for (a, b), (o, _) in zip(part, mine, strict=True)
                     )
                     piece = np.ascontiguousarray(array[local])
-                    outgoing[value.owner(coords)].append((value.key, coords, part, piece))
+                    outgoing[owner].append((value.key, coords, part, piece))
         except BaseException as exc:
             self.local_error = exc
             error = _text(exc)

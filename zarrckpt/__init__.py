@@ -48,6 +48,16 @@ from zarrckpt.verify import VerifyReport, verify
 
 _register_ml_dtypes()
 
+
+def __getattr__(name: str) -> object:
+    # zc.torch (the PyTorch adapter) imports torch, so only when first used.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("zarrckpt.torch")
+    raise AttributeError(f"module 'zarrckpt' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 # Names of TensorFlow's tf.contrib.checkpoint module, kept as aliases.

@@ -11,6 +11,7 @@ restored when they are attached (deferred restoration).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -379,12 +380,18 @@ class RestoreSession:
     def _restore(self, node_id: int, obj: Trackable) -> None:
         transfers: list[_Transfer] = []
         deferrals: list[Callable[[], None]] = []
+        begun: list[Trackable] = []  # objects whose _restore_begin ran, to end
         matched_before = dict(self._matched), dict(self._matched_objects)
         try:
-            self._match(node_id, obj, transfers, deferrals)
+            self._match(node_id, obj, transfers, deferrals, begun)
             self._transfer(transfers)
+            for matched in begun:
+                matched._restore_end(True)
         except BaseException:
             self._matched, self._matched_objects = matched_before
+            for matched in begun:
+                with contextlib.suppress(Exception):  # the first error is the one to see
+                    matched._restore_end(False)
             raise
         for defer in deferrals:
             defer()
@@ -403,6 +410,7 @@ class RestoreSession:
         obj: Trackable,
         transfers: list[_Transfer],
         deferrals: list[Callable[[], None]],
+        begun: list[Trackable],
         inside_duplicate: bool = False,
     ) -> None:
         first = self.matched_object(node_id)
@@ -423,6 +431,8 @@ class RestoreSession:
             )
         duplicate = inside_duplicate or first is not None
         self._matched_objects[id(obj)] = (node_id, weakref.ref(obj))
+        obj._restore_begin()
+        begun.append(obj)
         node = self.graph.nodes[node_id]
         values = obj._saveable_values()
         for attribute in node.attributes:
@@ -442,15 +452,15 @@ class RestoreSession:
             if live is None:
                 deferrals.append(partial(obj._defer_restoration, child.name, self, child.node_id))
             else:
-                self._match(child.node_id, live, transfers, deferrals, duplicate)
+                self._match(child.node_id, live, transfers, deferrals, begun, duplicate)
         for ref in node.slot_variables:
             variable = self.matched_object(ref.original_variable_node_id)
             if variable is not None:
-                self._match_slot(obj, variable, ref, transfers, deferrals)
+                self._match_slot(obj, variable, ref, transfers, deferrals, begun)
         for optimizer_id, ref in self._slots_of_variable.get(node_id, []):
             optimizer = self.matched_object(optimizer_id)
             if optimizer is not None and optimizer is not obj:
-                self._match_slot(optimizer, obj, ref, transfers, deferrals)
+                self._match_slot(optimizer, obj, ref, transfers, deferrals, begun)
 
     def _match_slot(
         self,
@@ -459,6 +469,7 @@ class RestoreSession:
         ref: SlotVariableReference,
         transfers: list[_Transfer],
         deferrals: list[Callable[[], None]],
+        begun: list[Trackable],
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             return
@@ -475,7 +486,7 @@ class RestoreSession:
                 )
             )
             return
-        self._match(ref.slot_variable_node_id, slot, transfers, deferrals)
+        self._match(ref.slot_variable_node_id, slot, transfers, deferrals, begun)
 
     def _transfer(self, transfers: list[_Transfer]) -> None:
         checkpoint = self.checkpoint

@@ -230,6 +230,20 @@ class Trackable:
     def _check_saveable(self, path: str) -> None:
         """Raise if this object cannot be saved now (``path`` is for the message)."""
 
+    def _restore_begin(self) -> None:
+        """Called when a restore matches this object, before its values and dependencies.
+
+        Objects whose dependencies are computed from outside state (the PyTorch
+        adapter's state dicts) take one snapshot of it here for the whole restore.
+        """
+
+    def _restore_end(self, completed: bool) -> None:
+        """Called once the restore that matched this object has read every value.
+
+        ``completed`` is false when the restore failed (nothing more will be
+        read into this object by it): undo what :meth:`_restore_begin` did.
+        """
+
     def __repr__(self) -> str:
         names = [name for name, _ in self._checkpoint_dependencies()]
         shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")

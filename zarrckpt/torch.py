@@ -434,8 +434,11 @@ class PlainState(PythonState):
         return f"<zarrckpt.torch.PlainState {self.name!r}: {self.value!r:.60}>"
 
 
-def _leaf_for(existing: Trackable | None, value: Any, name: str) -> TensorState | PlainState:
+def _leaf_for(existing: Trackable | None, value: Any, name: str) -> Trackable:
     """The node for ``value``, reusing ``existing`` (so a node keeps its identity)."""
+    if isinstance(existing, _EitherLeaf):
+        existing.hold(value)
+        return existing
     if isinstance(value, torch.Tensor):
         if isinstance(existing, TensorState):
             existing.tensor = value
@@ -474,7 +477,7 @@ class ModuleState(Trackable):
             )
         self.module = module
         self.options = options
-        self._leaves: dict[str, TensorState | PlainState] = {}
+        self._leaves: dict[str, Trackable] = {}
         self._snapshot: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -517,7 +520,8 @@ class ModuleState(Trackable):
     def __repr__(self) -> str:
         return (
             f"<zarrckpt.torch.ModuleState of {type(self.module).__name__}: "
-            f"{sum(1 for _ in self.module.parameters())} parameters>"
+            f"{sum(1 for _ in self.module.parameters())} parameters, "
+            f"{sum(1 for _ in self.module.buffers())} buffers>"
         )
 
 
@@ -739,7 +743,11 @@ class OptimizerState(Trackable):
 
 
 class _EitherLeaf(Trackable):
-    """A placeholder for a saved state entry: a tensor or plain value, decided by the checkpoint."""
+    """A restore's placeholder for a state entry the optimizer lacks: a tensor or plain value.
+
+    Which one the checkpoint decides; the placeholder then holds that value
+    for good (it stays the node the restore matched).
+    """
 
     def __init__(
         self,
@@ -750,12 +758,28 @@ class _EitherLeaf(Trackable):
         self.name = name
         self._tensor = TensorState(None, name, allocate=allocate, attach=attach)
         self._plain = PlainState(None, name, attach=attach)
+        self._kind: str | None = None
+
+    def hold(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            self._tensor.tensor, self._kind = value, "tensor"
+        else:
+            self._plain.value, self._plain.restored, self._kind = value, False, "plain"
 
     def _saveable_values(self) -> dict[str, SaveableValue]:
+        if self._kind == "tensor":
+            return self._tensor._saveable_values()
+        if self._kind == "plain":
+            return self._plain._saveable_values()
         return {**self._tensor._saveable_values(), **self._plain._saveable_values()}
 
+    def _zc_type_name(self) -> str:
+        return (self._plain if self._kind == "plain" else self._tensor)._zc_type_name()
+
     def __repr__(self) -> str:
-        return f"<zarrckpt.torch state entry {self.name!r}: not restored yet>"
+        if self._kind is None:
+            return f"<zarrckpt.torch state entry {self.name!r}: not restored yet>"
+        return repr(self._tensor if self._kind == "tensor" else self._plain)
 
 
 def _merge_groups(saved: Any, live: list[dict[str, Any]]) -> list[dict[str, Any]]:

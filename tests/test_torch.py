@@ -402,3 +402,33 @@ def test_zc_torch_is_the_adapter_and_import_zarrckpt_alone_does_not_import_torch
     code = "import sys, zarrckpt; assert 'torch' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_non_contiguous_tensors_restore_through_a_staging_buffer(tmp_path):
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.arange(12, dtype=torch.float32).reshape(4, 3).t())
+    assert not module.w.is_contiguous()
+    path = zc.Checkpoint(model=zt.ModuleState(module)).write(tmp_path / "strided")
+    assert zc.load_variable(path, "model/w").tolist() == module.w.tolist()
+    target = torch.nn.Module()
+    target.w = torch.nn.Parameter(torch.zeros(4, 3).t())
+    parameter = target.w
+    zc.Checkpoint(model=zt.ModuleState(target)).read(path).assert_consumed()
+    assert target.w is parameter
+    assert torch.equal(target.w, module.w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_module_round_trip(tmp_path, trained):
+    path, saved_model, _, later, _ = trained
+    model, _ = make(seed=7)
+    model = model.cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    checkpoint(model, optimizer).read(path).assert_consumed()
+    for name, tensor in model.state_dict().items():
+        assert tensor.is_cuda
+        assert np.array_equal(bits(tensor.cpu()), bits(saved_model[name])), name
+    again = checkpoint(model, optimizer).write(tmp_path / "from-cuda")
+    assert np.array_equal(
+        zc.load_variable(again, "model/fc1.weight"), saved_model["fc1.weight"].numpy()
+    )

@@ -420,7 +420,7 @@ def test_non_contiguous_tensors_restore_through_a_staging_buffer(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_module_round_trip(tmp_path, trained):
-    path, saved_model, _, later, _ = trained
+    path, saved_model, *_ = trained
     model, _ = make(seed=7)
     model = model.cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -432,3 +432,54 @@ def test_cuda_module_round_trip(tmp_path, trained):
     assert np.array_equal(
         zc.load_variable(again, "model/fc1.weight"), saved_model["fc1.weight"].numpy()
     )
+
+
+def test_a_grown_model_restores_the_old_layers_and_starts_the_new_ones_fresh(trained):
+    path, _, saved_optim, *_ = trained
+
+    class Grown(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(4, 2)
+
+    torch.manual_seed(8)
+    grown = Grown()
+    optimizer = torch.optim.AdamW(grown.parameters(), lr=1e-2, weight_decay=0.1)
+    status = checkpoint(grown, optimizer).read(path)
+    with pytest.raises(MatchError, match="found no value"):
+        status.assert_existing_objects_matched()  # head.weight, head.bias
+    status.expect_partial()
+    assert same_state(optimizer.state[grown.fc1.weight], saved_optim[0])
+    assert grown.head.weight not in optimizer.state  # never stepped: no state, as if fresh
+    assert len(optimizer.state) == 6
+
+
+def test_optimizer_state_under_other_parameter_names_is_left_unused(tmp_path):
+    torch.manual_seed(0)
+    sequential = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    optimizer = torch.optim.AdamW(sequential.parameters(), lr=0.25)
+    sequential(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    path = zc.Checkpoint(optim=zt.OptimizerState(optimizer, sequential)).write(tmp_path / "seq")
+
+    renamed = torch.nn.Module()
+    renamed.a = torch.nn.Linear(4, 4)
+    fresh = torch.optim.AdamW(renamed.parameters(), lr=0.5)
+    status = zc.Checkpoint(optim=zt.OptimizerState(fresh, renamed)).read(path)
+    with pytest.raises(MatchError, match=r"optim/state/0\.weight"):
+        status.assert_consumed()
+    status.expect_partial()
+    assert len(fresh.state) == 0  # nothing matched: no state made up
+    assert fresh.param_groups[0]["lr"] == 0.25  # the hyperparameters are restored
+    assert fresh.param_groups[0]["params"] == list(renamed.parameters())
+
+
+def test_sparse_and_meta_tensors_are_refused_by_name(tmp_path):
+    module = torch.nn.Module()
+    module.register_buffer("table", torch.eye(3).to_sparse())
+    with pytest.raises(UnsupportedValueError, match=r"table: a torch\.sparse_coo tensor"):
+        zc.Checkpoint(model=zt.ModuleState(module)).write(tmp_path / "sparse")
+    meta = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(UnsupportedValueError, match="weight: a tensor on the meta device"):
+        zc.Checkpoint(model=zt.ModuleState(meta)).write(tmp_path / "meta")
+    assert not any(tmp_path.iterdir())

@@ -182,6 +182,22 @@ def _dtensor_type() -> Any:
     return DTensor
 
 
+def _check_plain_tensor(tensor: torch.Tensor, name: str) -> None:
+    """Refuse tensors that are not dense arrays in memory (sparse, meta, subclasses)."""
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(
+            f"{name}: a {tensor.layout} tensor; zarrckpt.torch saves dense (strided) tensors "
+            "(convert it with .to_dense())"
+        )
+    if tensor.device.type == "meta":
+        raise UnsupportedValueError(f"{name}: a tensor on the meta device has no values to save")
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedValueError(
+            f"{name}: a {type(tensor).__name__} (a tensor subclass); zarrckpt.torch saves plain "
+            "tensors and DTensors with Shard/Replicate placements"
+        )
+
+
 def _local_block(tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, ShardInfo | None, bool]:
     """(local tensor, where its block lies or None if replicated, whether this rank writes it).
 
@@ -189,6 +205,7 @@ def _local_block(tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, ShardIn
     """
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(tensor, dtensor):
+        _check_plain_tensor(tensor, name)
         return tensor, None, True
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -203,6 +220,7 @@ def _local_block(tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, ShardIn
                 "save a full state dict for it"
             )
     local = tensor.to_local()
+    _check_plain_tensor(local, name)
     mesh = tensor.device_mesh
     coordinate = mesh.get_coordinate()
     if coordinate is None:
@@ -509,13 +527,7 @@ class ModuleState(Trackable):
         for name, leaf in self._leaves.items():
             if isinstance(leaf, PlainState) and leaf.restored:
                 state[name] = leaf.value
-        set_model_state_dict(self.module, state, options=self._load_options())
-
-    def _load_options(self) -> StateDictOptions:
-        # Keys missing from the checkpoint are the status API's to report.
-        if self.options is None:
-            return StateDictOptions(strict=False)
-        return dataclasses.replace(self.options, strict=False)
+        set_model_state_dict(self.module, state, options=_load_options(self.options))
 
     def __repr__(self) -> str:
         return (
@@ -523,6 +535,14 @@ class ModuleState(Trackable):
             f"{sum(1 for _ in self.module.parameters())} parameters, "
             f"{sum(1 for _ in self.module.buffers())} buffers>"
         )
+
+
+def _load_options(options: StateDictOptions | None) -> StateDictOptions:
+    """``options`` for ``set_*_state_dict``, not strict: what a checkpoint lacks is the
+    status API's to report (``assert_existing_objects_matched``)."""
+    if options is None:
+        return StateDictOptions(strict=False)
+    return dataclasses.replace(options, strict=False)
 
 
 # OptimizerState --------------------------------------------------------------------
@@ -601,6 +621,7 @@ class OptimizerState(Trackable):
         self._snapshot: dict[str, Any] | None = None  # during a restore, once state is needed
         self._restoring = False
         self._created_state = False  # this restore created the optimizer's state
+        self._matched: set[str] = set()  # parameters whose saved state this restore matched
 
     def state_dict(self) -> dict[str, Any]:
         """``get_optimizer_state_dict(module, optimizer)``, without creating missing state.
@@ -654,6 +675,7 @@ class OptimizerState(Trackable):
         self._restoring = True
         self._snapshot = None
         self._created_state = False
+        self._matched = set()
 
     def _ensure_state(self) -> dict[str, Any]:
         """The optimizer's state dict for this restore, its state created if it had none."""
@@ -679,10 +701,12 @@ class OptimizerState(Trackable):
         state = self._ensure_state()
         node = self._state.children.get(fqn)
         if node is not None:
+            self._matched.add(fqn)
             return node
         param = self._params_by_name(state).get(fqn)
         if param is None:
             return None
+        self._matched.add(fqn)
         entries: dict[str, Any] = {}
         node = _Node(fqn)
 
@@ -716,23 +740,28 @@ class OptimizerState(Trackable):
 
     def _restore_end(self, completed: bool) -> None:
         snapshot, self._snapshot = self._snapshot, None
+        created, self._created_state = self._created_state, False
         self._restoring = False
         if not completed:
-            if self._created_state:
+            if created:
                 self.optimizer.state.clear()  # as it was: no state
-            self._created_state = False
             return
-        self._created_state = False
         if snapshot is None:
             snapshot = self.state_dict()
+        elif created:
+            # State torch created for parameters the checkpoint has none for is
+            # dropped: they start afresh, as if never stepped (step 0, not 1).
+            snapshot[STATE] = {k: v for k, v in snapshot[STATE].items() if k in self._matched}
         for fqn, node in self._state.children.items():
-            if isinstance(node, _Node):
+            if isinstance(node, _Node) and fqn in snapshot[STATE]:
                 for name, leaf in node.children.items():
-                    if isinstance(leaf, PlainState) and leaf.restored and fqn in snapshot[STATE]:
+                    if isinstance(leaf, PlainState) and leaf.restored:
                         snapshot[STATE][fqn][name] = leaf.value
         if self._groups.restored:
             snapshot[PARAM_GROUPS] = _merge_groups(self._groups.value, snapshot[PARAM_GROUPS])
-        set_optimizer_state_dict(self.module, self.optimizer, snapshot, options=self.options)
+        set_optimizer_state_dict(
+            self.module, self.optimizer, snapshot, options=_load_options(self.options)
+        )
         self._refresh(self.state_dict())
 
     def __repr__(self) -> str:
@@ -796,7 +825,9 @@ def _merge_groups(saved: Any, live: list[dict[str, Any]]) -> list[dict[str, Any]
         )
     merged = []
     for saved_group, live_group in zip(saved, live, strict=True):
-        group = dict(saved_group)
+        # Hyperparameters from the checkpoint; which parameters a group holds
+        # stays the live optimizer's (their state is matched by name).
+        group = {**saved_group, "params": live_group["params"]}
         for key, value in group.items():
             current = live_group.get(key)
             if isinstance(current, tuple) and isinstance(value, list):

@@ -442,9 +442,14 @@ def test_unsupported_placements_fail_the_save_on_every_rank_and_leave_nothing(tw
         assert all(f"{case}_weight" in f for f in result["failures"].values()), result
         assert result["cause"] == "UnsupportedValueError", (rank, result)
         assert f"{case}_weight" in result["cause_message"], result
+        assert result["restore_type"] == "UnsupportedValueError", result
+        assert f"{case}_weight: DTensor placement" in result["restore_message"], result
+        assert result["restore_unchanged"] is True
     assert len({r["message"] for r in results}) == 1
-    directory = base / "refused" / case  # no checkpoint, no attempt, not even its directory
+    directory = base / "refused" / case / "ckpt"  # no checkpoint, no attempt, no directory
     assert not directory.exists() or list(directory.rglob("*")) == [], list(directory.rglob("*"))
+    leftovers = [p.name for p in (base / "refused" / case).iterdir()]
+    assert sorted(leftovers) == ["plain-0", "plain-1"]  # the restore tests' own checkpoints
 
 
 # Scenario 4: FSDP2 training saved by 2 ranks, continued by 2, 1 and 3 ------------------------

@@ -395,6 +395,18 @@ class Rank:
                 }
             else:
                 results[name] = {"type": None}
+            # Restoring into such a DTensor is refused too, before any byte is read.
+            shape = tuple(tensor.shape)
+            saved = Holder({f"{name}_weight": (torch.full(shape, 7.0), "param")})
+            plain_path = Path(step["directory"]) / name / f"plain-{self.rank}"
+            zc.Checkpoint(model=zt.ModuleState(saved)).write(plain_path)
+            before = tensor.to_local().clone()
+            try:
+                zc.Checkpoint(model=zt.ModuleState(model)).read(plain_path).expect_partial()
+            except Exception as exc:
+                results[name]["restore_type"] = type(exc).__name__
+                results[name]["restore_message"] = str(exc)
+            results[name]["restore_unchanged"] = bool(torch.equal(tensor.to_local(), before))
             self.coordinator.barrier()  # the parent looks at the directory afterwards
         return results
 

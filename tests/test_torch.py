@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import ml_dtypes
 import numpy as np
@@ -483,3 +485,50 @@ def test_sparse_and_meta_tensors_are_refused_by_name(tmp_path):
     with pytest.raises(UnsupportedValueError, match="weight: a tensor on the meta device"):
         zc.Checkpoint(model=zt.ModuleState(meta)).write(tmp_path / "meta")
     assert not any(tmp_path.iterdir())
+
+
+def test_tensors_the_engine_cannot_address_go_through_chunks_within_the_budget(tmp_path):
+    """A GPU tensor's path, taken here by strided CPU tensors: one chunk at a time."""
+    rows, cols = 1024, 512  # 2 MiB, transposed: not contiguous
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(cols, rows).t())
+    module.h = torch.nn.Parameter(torch.randn(cols, rows).t().to(torch.bfloat16))
+    options = zc.CheckpointOptions(chunk_bytes=64 << 10, inflight_bytes=256 << 10, threads=4)
+
+    in_flight = {"now": 0, "peak": 0, "calls": 0}
+    lock = threading.Lock()
+    original_get, original_set = zt.TensorWindow.__getitem__, zt.TensorWindow.__setitem__
+
+    def track(nbytes: int) -> None:
+        with lock:
+            in_flight["now"] += nbytes
+            in_flight["peak"] = max(in_flight["peak"], in_flight["now"])
+            in_flight["calls"] += 1
+
+    def get(self, region):
+        part = original_get(self, region)
+        track(part.nbytes)  # released when the chunk is written: counted until then
+        time.sleep(0.001)  # let the writers overlap
+        track(-part.nbytes)
+        return part
+
+    def put(self, region, values):
+        track(values.nbytes)
+        original_set(self, region, values)
+        track(-values.nbytes)
+
+    zt.TensorWindow.__getitem__, zt.TensorWindow.__setitem__ = get, put
+    try:
+        path = zc.Checkpoint(model=zt.ModuleState(module)).write(tmp_path / "w", options=options)
+        saves = in_flight["calls"] // 2
+        target = torch.nn.Module()
+        target.w = torch.nn.Parameter(torch.zeros(cols, rows).t())
+        target.h = torch.nn.Parameter(torch.zeros(cols, rows).t().to(torch.bfloat16))
+        zc.Checkpoint(model=zt.ModuleState(target)).read(path, options=options).assert_consumed()
+    finally:
+        zt.TensorWindow.__getitem__, zt.TensorWindow.__setitem__ = original_get, original_set
+    assert saves == 32 + 16  # one copy per 64 KiB chunk: w is 2 MiB, h 1 MiB
+    assert 0 < in_flight["peak"] <= options.inflight_bytes
+    assert torch.equal(target.w, module.w)
+    assert np.array_equal(bits(target.h), bits(module.h))
+    assert np.array_equal(zc.load_variable(path, "model/w"), module.w.detach().numpy())

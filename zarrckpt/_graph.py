@@ -31,7 +31,7 @@ from zarrckpt.record import (
     SavedAttribute,
     SlotVariableReference,
 )
-from zarrckpt.trackable import SaveContext, ShardInfo, Trackable
+from zarrckpt.trackable import ArrayWindow, SaveContext, ShardInfo, Trackable
 
 __all__ = ["GraphView", "SavePlan", "build_save_plan", "list_objects", "traverse"]
 
@@ -143,7 +143,7 @@ def build_save_plan(root: Trackable) -> SavePlan:
         for name, saveable in obj._saveable_values().items():
             key = attribute_key(path, name)
             array = saveable.value(context)
-            if not isinstance(array, np.ndarray):
+            if not isinstance(array, np.ndarray | ArrayWindow):
                 raise UnsupportedValueError(
                     f"{key}: expected a numpy array to save, got {type(array).__name__}"
                 )

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import ml_dtypes
 import msgpack
@@ -59,6 +59,7 @@ from zarrckpt.errors import (
 )
 from zarrckpt.python_state import PythonState
 from zarrckpt.trackable import (
+    ArrayWindow,
     SaveableValue,
     SaveContext,
     ShardInfo,
@@ -84,6 +85,7 @@ except ImportError as _exc:  # pragma: no cover - the extra is not installed
 __all__ = [
     "ModuleState",
     "OptimizerState",
+    "TensorWindow",
     "numpy_dtype",
     "torch_dtype",
 ]
@@ -281,11 +283,56 @@ class TensorState(Trackable):
         )
 
 
+class TensorWindow(ArrayWindow):
+    """A tensor the engine reaches one chunk region at a time (a GPU tensor, a strided one).
+
+    A save copies each chunk's region to host as it writes it, a restore
+    copies each chunk into the tensor as it reads it: the host memory used is
+    the chunks in flight (``CheckpointOptions.inflight_bytes``), whatever the
+    tensor's size.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+        self._shape = tuple(int(n) for n in tensor.shape)
+        self._dtype = numpy_dtype(tensor.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._dtype
+
+    def __getitem__(self, region: tuple[slice, ...]) -> np.ndarray[Any, Any]:
+        part = self.tensor[region]
+        if part.device.type != "cpu":
+            part = part.to("cpu")
+        return _as_numpy(part)
+
+    def __setitem__(self, region: tuple[slice, ...], values: np.ndarray[Any, Any]) -> None:
+        values = np.ascontiguousarray(values)
+        if not values.flags.writeable:  # torch warns about read-only numpy memory
+            values = values.copy()
+        source = _from_numpy(values, self.tensor.dtype)
+        with torch.no_grad():
+            self.tensor[region].copy_(source)
+
+    def __repr__(self) -> str:
+        where = self.tensor.device
+        return f"<zarrckpt.torch.TensorWindow {self._dtype.name}{list(self._shape)} on {where}>"
+
+
+def _addressable(tensor: torch.Tensor) -> bool:
+    """Whether the engine can write from and read into the tensor's memory directly."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
 class _TensorValue(SaveableValue):
     def __init__(self, leaf: TensorState) -> None:
         self._leaf = leaf
         self._block: tuple[torch.Tensor, ShardInfo | None, bool] | None = None
-        self._staged: torch.Tensor | None = None  # restore: the tensor a staging array fills
 
     def _local(self) -> tuple[torch.Tensor, ShardInfo | None, bool]:
         if self._block is None:
@@ -303,12 +350,12 @@ class _TensorValue(SaveableValue):
             raise UnsupportedValueError(f"{self._leaf.name}: a placeholder has no value to save")
         local, shard, writes = self._local()
         numpy_dtype(local.dtype)  # an unsupported dtype is named here
-        if local.device.type != "cpu":
-            local = local.detach().to("cpu")
-        array = _as_numpy(local)
         if shard is not None and not writes:
-            array = array[:0]  # a replica: another rank writes this block
-        return array
+            local = local[:0]  # a replica: another rank writes this block
+        if _addressable(local):
+            return _as_numpy(local)
+        # The engine accepts an ArrayWindow wherever it takes an array to save.
+        return cast(np.ndarray, TensorWindow(local))
 
     def destination(
         self, shape: tuple[int, ...], dtype: np.dtype[Any], key: str
@@ -326,18 +373,12 @@ class _TensorValue(SaveableValue):
             ) from None
         live_shape = tuple(leaf.tensor.shape) if shard is None else shard.global_shape
         check_compatible(key, shape, dtype, live_shape, live_dtype)
-        if local.device.type == "cpu" and local.is_contiguous():
+        if _addressable(local):
             return _as_numpy(local)
-        self._staged = local
-        return np.empty(tuple(local.shape), live_dtype)
+        return cast(np.ndarray, TensorWindow(local))  # read into chunk by chunk
 
     def commit(self, array: np.ndarray[Any, Any]) -> None:
-        staged, self._staged = self._staged, None
         leaf = self._leaf
-        if staged is not None:
-            assert leaf.tensor is not None
-            with torch.no_grad():
-                staged.copy_(_from_numpy(array, staged.dtype))
         if leaf._attach is not None and leaf.tensor is not None:
             attach, leaf._attach, leaf._allocate = leaf._attach, None, None
             attach(leaf.tensor)

@@ -22,6 +22,7 @@ import numpy as np
 from zarrckpt.errors import DependencyNameError, DTypeMismatchError, ShapeMismatchError
 
 __all__ = [
+    "ArrayWindow",
     "AutoTrackable",
     "NoDependency",
     "SaveContext",
@@ -56,6 +57,60 @@ class ShardInfo:
         return tuple(slice(o, o + b) for o, b in zip(self.offset, block_shape, strict=True))
 
 
+class _WindowFlags:
+    c_contiguous = False  # never addressed directly: every chunk goes through the window
+    writeable = True
+
+
+class ArrayWindow(ABC):
+    """An array whose memory the engine cannot address (a GPU tensor), seen one region at a time.
+
+    :meth:`SaveableValue.value` and :meth:`SaveableValue.destination` may
+    return one instead of an ndarray. The engine then copies each chunk
+    through it: a save reads ``window[region]`` (a host array of that
+    region) as it writes the chunk, a restore assigns ``window[region] =
+    values`` as it reads one. So the host memory in use is the chunks in
+    flight, bounded by ``CheckpointOptions.inflight_bytes``, not the value.
+    The engine uses nothing else of it: ``shape``, ``dtype``, ``size``,
+    ``nbytes`` and ``flags.c_contiguous`` (false).
+    """
+
+    flags = _WindowFlags()
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the whole array."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of the values."""
+
+    @abstractmethod
+    def __getitem__(self, region: tuple[slice, ...]) -> np.ndarray[Any, Any]:
+        """A host array holding ``array[region]``."""
+
+    @abstractmethod
+    def __setitem__(self, region: tuple[slice, ...], values: np.ndarray[Any, Any]) -> None:
+        """Copy ``values`` into ``array[region]``."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for n in self.shape:
+            size *= n
+        return size
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+
 class SaveableValue(ABC):
     """One saved attribute of a trackable: how to produce it and where to restore it."""
 
@@ -70,7 +125,10 @@ class SaveableValue(ABC):
 
     @abstractmethod
     def value(self, context: SaveContext) -> np.ndarray[Any, Any]:
-        """The array to save (any memory layout; it is not copied when contiguous)."""
+        """The array to save (any memory layout; it is not copied when contiguous).
+
+        Or an :class:`ArrayWindow` over memory the engine cannot address.
+        """
 
     @abstractmethod
     def destination(

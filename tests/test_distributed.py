@@ -647,6 +647,25 @@ def test_restoring_a_block_from_column_chunks_holds_one_budget_of_chunks(tmp_pat
     assert peak < (1 << 20) + (512 << 10), peak
 
 
+def test_restoring_a_block_from_row_chunks_reads_straight_into_it(tmp_path: Any) -> None:
+    """Row chunks inside a row block are read into the block's memory: no chunk buffer.
+
+    (A region is ``slice(a, b)``, whose step is None: this once counted as "not
+    step 1", and every chunk of every sharded restore went through a buffer.)
+    """
+    from conftest import traced_peak
+
+    full = global_value((4096, 256))  # 4 MiB saved by 4 ranks: one 1 MiB chunk per block
+    path = str(tmp_path / "rows")
+    save_ranks(path, {"w": full}, {"w": row_boxes(full.shape, 4)}, 4)
+    assert zarr.open_array(f"{path}/w/.ATTRIBUTES/VARIABLE_VALUE", mode="r").chunks == (1024, 256)
+    block = zc.Variable.sharded(np.zeros((2048, 256), np.float32), full.shape, (1024, 0))
+    ckpt = zc.Checkpoint(w=block)
+    peak = traced_peak(lambda: ckpt.restore(path).assert_consumed())
+    assert np.array_equal(block.numpy(), full[1024:3072])
+    assert peak < 256 << 10, peak  # not one 1 MiB chunk buffer
+
+
 def test_resharding_two_to_four_and_four_to_two_reads_only_what_each_rank_needs(
     tmp_path: Any,
 ) -> None:

@@ -769,7 +769,7 @@ def selection_tasks(
     # a chunk region inside the selection is one contiguous run of the result
     # when every axis after its split axis is whole in the selection too.
     whole = [
-        s.step == 1 and len(r) == n for s, r, n in zip(selection, ranges, layout.shape, strict=True)
+        r.step == 1 and len(r) == n for r, n in zip(ranges, layout.shape, strict=True)
     ]
 
     def inside(region: tuple[slice, ...]) -> bool:

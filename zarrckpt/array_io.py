@@ -768,9 +768,7 @@ def selection_tasks(
     # Axes from the first one the selection does not take whole to the last:
     # a chunk region inside the selection is one contiguous run of the result
     # when every axis after its split axis is whole in the selection too.
-    whole = [
-        r.step == 1 and len(r) == n for r, n in zip(ranges, layout.shape, strict=True)
-    ]
+    whole = [r.step == 1 and len(r) == n for r, n in zip(ranges, layout.shape, strict=True)]
 
     def inside(region: tuple[slice, ...]) -> bool:
         if layout.compression is not None and any(

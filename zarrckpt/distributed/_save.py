@@ -8,7 +8,7 @@ Every rank runs :func:`write_distributed` with the same arguments:
 2. rank 0 opens the attempt (the temporary directory, or the object-store
    attempt prefix) and broadcasts where it is;
 3. where chunks cross block edges, the pieces go to the chunks' owners;
-4. every rank writes its own chunks (rank 0 also the metadata) and makes them
+4. every rank writes its own chunks and its share of the metadata and makes them
    durable, then reports its files (size and CRC32C) or its error;
 5. rank 0 checks that every chunk was written exactly once and commits with
    every rank's files in the manifest, or aborts; the outcome is broadcast.
@@ -22,7 +22,6 @@ left behind is an uncommitted attempt that :func:`zarrckpt.gc` removes.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections import defaultdict
 from functools import partial
@@ -280,18 +279,17 @@ class _Save:
         tasks: list[Task] = []
         stats = self.stats
         groups: set[str] = set()
-        for value in plan.values:
+        for index, value in enumerate(plan.values):
             layout = value.layout
             cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
             array = self.arrays[value.key]
-            if self._writes_metadata(value):
+            if self._writes_metadata(index, plan.world_size):
                 data = layout.metadata()
                 tasks.append(
                     (len(data), partial(write_file, storage, f"{value.key}/zarr.json", data, stats))
                 )
-            if self.rank == 0:
-                parts = value.key.split("/")
-                groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            parts = value.key.split("/")
+            groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
             if value.writer is not None:
                 for coords in value.owned_by(self.rank):
                     tasks.append(
@@ -313,19 +311,22 @@ class _Save:
                     pieces = incoming.get((value.key, coords), [])
                     work = partial(self._write_assembled, storage, value, coords, pieces)
                 tasks.append((cost, work))
-        if self.rank == 0:
-            data = group_metadata()
-            for group in sorted(groups):
+        data = group_metadata()
+        for index, group in enumerate(sorted(groups), start=len(plan.values)):
+            if self._writes_metadata(index, plan.world_size):
                 tasks.append(
                     (len(data), partial(write_file, storage, f"{group}/zarr.json", data, stats))
                 )
         return tasks
 
-    def _writes_metadata(self, value: ValuePlan) -> bool:
-        """Whether this rank writes the value's ``zarr.json``: the writer of its first chunk."""
-        if math.prod(value.layout.grid) == 0:
-            return self.rank == 0
-        return value.owner((0,) * len(value.layout.shape)) == self.rank
+    def _writes_metadata(self, index: int, world_size: int) -> bool:
+        """Whether this rank writes metadata file ``index`` (values', then groups').
+
+        Round robin from rank 1: with blocks by rows, the first chunk of every
+        value is rank 0's, and a rank writing hundreds of small files (148
+        parameters make 444 here) is the one every other rank waits for.
+        """
+        return (index + 1) % world_size == self.rank
 
     def _write_assembled(
         self, storage: Storage, value: ValuePlan, coords: tuple[int, ...], pieces: list[Piece]

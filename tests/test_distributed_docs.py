@@ -12,14 +12,10 @@ and compared.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from launching import free_port, run_launcher
 from threaded_ranks import run_ranks
 
 import zarrckpt as zc
@@ -44,62 +41,16 @@ LAUNCH_TIMEOUT = 60.0  # seconds; then every process of the launch is killed
 # Launching -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parent = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def launch(command: list[str]) -> str:
     """Run a launcher; its stdout. Fails the test on a non-zero exit or after LAUNCH_TIMEOUT."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for pid in [*_descendants(proc.pid), proc.pid]:  # only what this launch started
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            out, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            out, err = "", "(output lost)"
-        pytest.fail(f"{command} hung for {LAUNCH_TIMEOUT} s\n{out[-3000:]}\n{err[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{command} exited with {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
-    return out
+    return run_launcher(command, cwd=ROOT, timeout=LAUNCH_TIMEOUT)
 
 
 def torchrun(ranks: int, *args: str) -> str:
     pytest.importorskip("torch.distributed")
     script = EXAMPLES / "distributed_torch.py"
     runner = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
-    return launch([*runner, "--master-port", str(_free_port()), str(script), *args])
+    return launch([*runner, "--master-port", str(free_port()), str(script), *args])
 
 
 def mpiexec(ranks: int | None, *args: str) -> str:

@@ -15,13 +15,11 @@ saves; each test using them looks at its own step.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from launching import free_port, wait_all
 
 import zarrckpt as zc
 
@@ -82,35 +81,12 @@ class Launch:
         return np.load(self.out / f"{step}.rank{rank}.{name}.npy")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _mpiexec() -> str:
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if found is None:
         pytest.skip("mpiexec not found (pip install mpich)")
     return found
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int] | None:
-    """Every process's exit status, or None after killing them all at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    codes: list[int] = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in procs:  # each leads a session of its own: its children go too
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(other.pid, signal.SIGKILL)
-            for other in procs:
-                other.wait()
-            return None
-    return codes
 
 
 def launch(
@@ -141,14 +117,14 @@ def launch(
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for _attempt in range(3):  # a port taken between _free_port() and the bind: try another
+    for _attempt in range(3):  # a port taken between free_port() and the bind: try another
         for stale in out.glob("*.log"):
             stale.unlink()
         started = time.monotonic()
         env["DIST_WORKER_EPOCH"] = repr(time.time())
         procs = []
         if backend == "gloo":
-            port = str(_free_port())
+            port = str(free_port())
             for rank in range(world):
                 rank_env = {
                     **env,
@@ -186,7 +162,7 @@ def launch(
                         start_new_session=True,
                     )
                 )
-        codes = _wait_all(procs, LAUNCH_TIMEOUT)
+        codes = wait_all(procs, LAUNCH_TIMEOUT)
         seconds = time.monotonic() - started
         results = []
         for rank in range(world):

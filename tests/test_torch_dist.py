@@ -15,12 +15,9 @@ manager's run.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from launching import free_port, wait_all
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
@@ -81,29 +79,6 @@ class Launch:
             return {k: data[k] for k in data.files}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int] | None:
-    """Every process's exit status, or None after killing them all at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    codes: list[int] = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(other.pid, signal.SIGKILL)
-            for other in procs:
-                other.wait()
-            return None
-    return codes
-
-
 def launch(out: Path, world: int, steps: list[dict[str, Any]], distributed: bool = True) -> Launch:
     """Run ``steps`` on ``world`` ranks (gloo), or in one plain process; fail on a hang or error."""
     assert distributed or world == 1
@@ -117,12 +92,12 @@ def launch(out: Path, world: int, steps: list[dict[str, Any]], distributed: bool
     config_path = out / "config.json"
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for _attempt in range(3):  # a port taken between _free_port() and the bind: try another
+    for _attempt in range(3):  # a port taken between free_port() and the bind: try another
         for stale in [*out.glob("*.log"), *out.glob("rank*.json")]:
             stale.unlink()
         started = time.monotonic()
         env["TORCH_WORKER_EPOCH"] = repr(time.time())
-        port = str(_free_port())
+        port = str(free_port())
         procs = []
         for rank in range(world):
             rank_env = dict(env)
@@ -144,7 +119,7 @@ def launch(out: Path, world: int, steps: list[dict[str, Any]], distributed: bool
                         start_new_session=True,
                     )
                 )
-        codes = _wait_all(procs, LAUNCH_TIMEOUT)
+        codes = wait_all(procs, LAUNCH_TIMEOUT)
         seconds = time.monotonic() - started
         results = []
         for rank in range(world):

@@ -327,14 +327,16 @@ class Worker:
         raise ValueError(f"unknown op {op!r}")
 
 
-def main(argv: list[str]) -> int:
+def serve(make_worker: Any, argv: list[str]) -> int:
+    """A worker's life: built from the job file ``argv[1]``, it answers one JSON line on
+    file descriptor ``argv[2]`` per command line read on stdin, until "quit"."""
     with open(argv[1]) as f:
         job = json.loads(f.read())
     answers = os.fdopen(int(argv[2]), "w", buffering=1)
     os.dup2(2, 1)  # anything printed goes to the log, not into the answers
     sys.stdout = sys.stderr
     try:
-        worker = Worker(job)
+        worker = make_worker(job)
     except BaseException:
         answers.write(json.dumps({"error": traceback.format_exc()}) + "\n")
         return 1
@@ -348,8 +350,13 @@ def main(argv: list[str]) -> int:
         except BaseException:
             result = {"error": traceback.format_exc()}
         answers.write(json.dumps(result) + "\n")
-    worker.dist.destroy_process_group()
+    if getattr(worker, "dist", None) is not None:
+        worker.dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return serve(Worker, argv)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import cProfile
 import datetime
-import json
 import math
 import os
 import sys
 import time
-import traceback
 from typing import Any
 
 import _dist_worker as dw
@@ -397,29 +395,7 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
-    with open(argv[1]) as f:
-        job = json.loads(f.read())
-    answers = os.fdopen(int(argv[2]), "w", buffering=1)
-    os.dup2(2, 1)  # anything printed goes to the log, not into the answers
-    sys.stdout = sys.stderr
-    try:
-        worker = Worker(job)
-    except BaseException:
-        answers.write(json.dumps({"error": traceback.format_exc()}) + "\n")
-        return 1
-    answers.write(json.dumps({"ready": True, "rank": worker.rank}) + "\n")
-    for line in sys.stdin:
-        command = json.loads(line)
-        if command["op"] == "quit":
-            break
-        try:
-            result = worker.handle(command)
-        except BaseException:
-            result = {"error": traceback.format_exc()}
-        answers.write(json.dumps(result) + "\n")
-    if worker.dist is not None:
-        worker.dist.destroy_process_group()
-    return 0
+    return dw.serve(Worker, argv)
 
 
 if __name__ == "__main__":

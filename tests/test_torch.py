@@ -532,3 +532,35 @@ def test_tensors_the_engine_cannot_address_go_through_chunks_within_the_budget(t
     assert torch.equal(target.w, module.w)
     assert np.array_equal(bits(target.h), bits(module.h))
     assert np.array_equal(zc.load_variable(path, "model/w"), module.w.detach().numpy())
+
+
+def test_restoring_twice_into_state_the_first_restore_created(tmp_path, trained):
+    path, _, saved_optim, *_ = trained
+    model, optimizer = make(seed=9)
+    model(torch.ones(2, 8)).sum().backward()  # grads: the first restore makes placeholders
+    ckpt = checkpoint(model, optimizer)
+    ckpt.read(path).assert_consumed()
+    optimizer.zero_grad()
+    train(model, optimizer, range(3, 5))  # the state moves on
+    later = ckpt.write(tmp_path / "later")
+    train(model, optimizer, range(5, 7))
+    ckpt.read(path).assert_consumed()  # back to the first checkpoint, in place
+    assert same_state(optimizer.state_dict()["state"][0], saved_optim[0])
+    ckpt.read(later).assert_consumed()
+    assert float(optimizer.state[model.fc1.weight]["step"]) == 5.0
+
+
+def test_state_entries_the_live_optimizer_lacks_are_restored_too(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    amsgrad = torch.optim.Adam(model.parameters(), amsgrad=True)
+    model(torch.ones(1, 3)).sum().backward()
+    amsgrad.step()
+    path = zc.Checkpoint(optim=zt.OptimizerState(amsgrad, model)).write(tmp_path / "ams")
+    plain = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    plain.step()  # state without max_exp_avg_sq
+    zc.Checkpoint(optim=zt.OptimizerState(plain, model)).read(path).assert_consumed()
+    restored = plain.state[model.weight]
+    assert torch.equal(restored["max_exp_avg_sq"], amsgrad.state[model.weight]["max_exp_avg_sq"])
+    assert plain.param_groups[0]["amsgrad"] is True  # the saved hyperparameters, as torch loads

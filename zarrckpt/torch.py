@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import ml_dtypes
@@ -684,7 +685,7 @@ class OptimizerState(Trackable):
         for fqn, entries in state[STATE].items():
             node = self._state.children.get(fqn)
             if not isinstance(node, _Node):
-                node = _Node(fqn, create=None)
+                node = self._param_node(fqn)
             node.children = {
                 name: _leaf_for(node.children.get(name), value, f"{fqn}.{name}")
                 for name, value in entries.items()
@@ -737,47 +738,45 @@ class OptimizerState(Trackable):
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         return dict(zip(names, params, strict=False))
 
+    def _param_node(self, fqn: str) -> _Node:
+        return _Node(fqn, create=partial(self._create_entry, fqn))
+
     def _create_param_state(self, fqn: str) -> Trackable | None:
         """The node for saved state of parameter ``fqn`` (made if it has none); None if unknown."""
         state = self._ensure_state()
         node = self._state.children.get(fqn)
-        if node is not None:
-            self._matched.add(fqn)
-            return node
-        param = self._params_by_name(state).get(fqn)
-        if param is None:
-            return None
+        if node is None:
+            if fqn not in self._params_by_name(state):
+                return None
+            node = self._state.children[fqn] = self._param_node(fqn)
         self._matched.add(fqn)
-        entries: dict[str, Any] = {}
-        node = _Node(fqn)
-
-        def create(name: str) -> Trackable:
-            if name in node.children:
-                return node.children[name]
-
-            def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-                if (
-                    shape == tuple(param.shape)
-                    and _dtensor_type() is not None
-                    and isinstance(param, _dtensor_type())
-                ):
-                    return torch.empty_like(param, dtype=dtype)
-                device = param.to_local().device if hasattr(param, "to_local") else param.device
-                return torch.empty(shape, dtype=dtype, device=device)
-
-            def attach(value: Any) -> None:
-                entries[name] = value
-                state[STATE][fqn] = entries
-
-            # The saved value's kind decides: a tensor placeholder's destination()
-            # allocates; a plain one's deserialize() attaches.
-            leaf = _EitherLeaf(f"{fqn}.{name}", allocate, attach)
-            node.children[name] = leaf
-            return leaf
-
-        node._create = create
-        self._state.children[fqn] = node
         return node
+
+    def _create_entry(self, fqn: str, name: str) -> Trackable:
+        """The node for saved state entry ``name`` of ``fqn``: the live one, or a placeholder."""
+        state = self._ensure_state()
+        node = self._state.children[fqn]
+        assert isinstance(node, _Node)
+        found = node.children.get(name)
+        if found is not None:
+            return found
+        param = self._params_by_name(state)[fqn]
+        dtensor = _dtensor_type()
+
+        def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            if dtensor is not None and isinstance(param, dtensor):
+                if shape == tuple(param.shape):  # sharded like its parameter
+                    return torch.empty_like(param, dtype=dtype)
+                return torch.empty(shape, dtype=dtype, device=param.to_local().device)
+            return torch.empty(shape, dtype=dtype, device=param.device)
+
+        def attach(value: Any) -> None:
+            state[STATE].setdefault(fqn, {})[name] = value
+
+        # The saved value's kind decides: a tensor placeholder's destination()
+        # allocates; a plain one's deserialize() attaches.
+        leaf = node.children[name] = _EitherLeaf(f"{fqn}.{name}", allocate, attach)
+        return leaf
 
     def _restore_end(self, completed: bool) -> None:
         snapshot, self._snapshot = self._snapshot, None

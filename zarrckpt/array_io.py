@@ -271,12 +271,19 @@ class IOStats:
     """What one save or restore moved: bytes, files, peak bytes in flight, seconds.
 
     ``progress`` (``CheckpointOptions.progress``) is called with each file's size.
+    An async save also tells how long the caller was blocked
+    (``blocked_seconds``: the copy into the staging pool, plus writing what
+    did not fit), how many bytes it staged and the pool's size; its other
+    counts grow while it writes in the background.
     """
 
     nbytes: int = 0
     files: int = 0
     peak_inflight_bytes: int = 0
     seconds: float = 0.0
+    blocked_seconds: float = 0.0
+    staged_bytes: int = 0
+    staging_pool_bytes: int = 0
     progress: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -456,12 +463,15 @@ def write_arrays(
     arrays: Iterable[tuple[str, np.ndarray[Any, Any]]],
     options: CheckpointOptions | None = None,
     stats: IOStats | None = None,
+    groups_of: Iterable[str] | None = None,
 ) -> list[ChunkFile]:
     """Write each ``(key, array)`` as a Zarr array at ``key``; return every file written.
 
     The write plan (each array's chunk grid and compressor, then the chunk
     tasks in key order) is made before any byte is written. Metadata of every
-    array and of every group above it is written too.
+    array and of every group above it is written too; ``groups_of`` names
+    the keys whose groups to write instead (a save written in two parts
+    writes them with one part only).
     """
     options = options or CheckpointOptions()
     stats = stats if stats is not None else IOStats(progress=options.progress)
@@ -482,6 +492,10 @@ def write_arrays(
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
         for coords in np.ndindex(*layout.grid):
             tasks.append((cost, partial(write_chunk, storage, key, layout, array, coords, stats)))
+        if groups_of is None:
+            parts = key.split("/")
+            groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    for key in groups_of or ():
         parts = key.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
     group_json = group_metadata()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from zarrckpt import array_io
+from zarrckpt._async import AsyncSaver
 from zarrckpt._commit import (
     CommittedCheckpoint,
     MetadataValue,
@@ -125,21 +127,61 @@ class Checkpoint(AutoTrackable):
         written once; rank 0 commits when all succeeded, and any failure raises
         :class:`~zarrckpt.errors.DistributedSaveError` on every rank.
         :attr:`last_write_stats` is then what this rank wrote.
+        With ``options=CheckpointOptions(enable_async=True)`` it returns once
+        every value is copied into this checkpoint's staging pool, and writes
+        and commits in the background (see :meth:`wait_until_finished`).
+        """
+        return self._write(path, options, storage_options, metadata, coordinator)
+
+    def _write(
+        self,
+        path: PathLike,
+        options: CheckpointOptions | None,
+        storage_options: dict[str, Any] | None,
+        metadata: Mapping[str, MetadataValue] | None,
+        coordinator: Coordinator | None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> str:
+        """:meth:`write`; ``on_commit`` runs once the checkpoint is committed.
+
+        That is before returning, or on the background thread after an async
+        commit (its error is then the save's error).
         """
         options = options or CheckpointOptions()
         metadata = check_metadata(metadata, where=os.fspath(path))
-        if coordinator is not None:
-            return self._write_distributed(path, coordinator, options, storage_options, metadata)
-        plan = build_save_plan(self)
-        if plan.shards:
+        self.wait_until_finished()  # one save at a time, in order; raises a failed one
+        plan = build_save_plan(self) if coordinator is None else None
+        if plan is not None and plan.shards:
             from zarrckpt.distributed import LocalCoordinator
 
-            return self._write_distributed(
-                path, LocalCoordinator(), options, storage_options, metadata, plan
+            coordinator = LocalCoordinator()
+        if options.enable_async:
+            written = self._write_async(
+                path, plan, options, storage_options, metadata, coordinator, on_commit
             )
+        elif coordinator is not None:
+            written = self._write_distributed(
+                path, coordinator, options, storage_options, metadata, plan
+            )
+        else:
+            assert plan is not None
+            written = self._write_local(path, plan, options, storage_options, metadata)
+        if on_commit is not None and not options.enable_async:
+            on_commit()
+        return written
+
+    def _write_local(
+        self,
+        path: PathLike,
+        plan: SavePlan,
+        options: CheckpointOptions,
+        storage_options: dict[str, Any] | None,
+        metadata: dict[str, MetadataValue],
+    ) -> str:
         commit = begin_commit(path, storage_options, fsync=options.fsync, threads=options.threads)
         storage = commit.create()
         stats = array_io.IOStats(progress=options.progress)
+        start = time.perf_counter()
         try:
             files = array_io.write_arrays(storage, plan.arrays, options, stats)
             commit.finalize(plan.graph.encode(), files, metadata)
@@ -149,8 +191,125 @@ class Checkpoint(AutoTrackable):
             if clearer is not None:
                 raise clearer from exc
             raise
+        stats.blocked_seconds = time.perf_counter() - start
         object.__setattr__(self, "_zc_last_write_stats", stats)
         return os.fspath(path)
+
+    def _async_saver(self) -> AsyncSaver:
+        saver: AsyncSaver | None = self.__dict__.get("_zc_async")
+        if saver is None:
+            saver = AsyncSaver()
+            object.__setattr__(self, "_zc_async", saver)
+        return saver
+
+    def _write_async(
+        self,
+        path: PathLike,
+        plan: SavePlan | None,
+        options: CheckpointOptions,
+        storage_options: dict[str, Any] | None,
+        metadata: dict[str, MetadataValue],
+        coordinator: Coordinator | None,
+        on_commit: Callable[[], None] | None,
+    ) -> str:
+        """Stage every value, write what does not fit, and commit on a background thread."""
+        saver = self._async_saver()
+        start = time.perf_counter()
+        where = os.fspath(path)
+        if coordinator is not None:
+            from zarrckpt.distributed._save import start_distributed
+
+            stats, finish = start_distributed(
+                self,
+                path,
+                coordinator,
+                options=options,
+                storage_options=storage_options,
+                metadata=metadata,
+                save_plan=plan,
+                stage=saver.stage,
+            )
+        else:
+            assert plan is not None
+            stats, finish = self._start_local_async(
+                path, plan, saver, options, storage_options, metadata
+            )
+        stats.blocked_seconds = time.perf_counter() - start
+        stats.staging_pool_bytes = saver.pool.nbytes
+        object.__setattr__(self, "_zc_last_write_stats", stats)
+
+        def work() -> None:
+            finish()
+            if on_commit is not None:
+                on_commit()
+
+        saver.submit(where, work)
+        return where
+
+    def _start_local_async(
+        self,
+        path: PathLike,
+        plan: SavePlan,
+        saver: AsyncSaver,
+        options: CheckpointOptions,
+        storage_options: dict[str, Any] | None,
+        metadata: dict[str, MetadataValue],
+    ) -> tuple[array_io.IOStats, Callable[[], None]]:
+        record = plan.graph.encode()
+        commit = begin_commit(path, storage_options, fsync=options.fsync, threads=options.threads)
+        storage = commit.create()
+        stats = array_io.IOStats(progress=options.progress)
+
+        def fail(exc: BaseException) -> BaseException:
+            commit.abort()
+            return commit.explain_failure(exc) or exc
+
+        try:
+            staged, left, stats.staged_bytes = saver.stage(plan.arrays, options.staging_bytes)
+            # What did not fit is written now, from the live values.
+            files = array_io.write_arrays(storage, left, options, stats, groups_of=())
+        except BaseException as exc:
+            clearer = fail(exc)
+            if clearer is not exc:
+                raise clearer from exc
+            raise
+        keys = [key for key, _ in plan.arrays]
+
+        def finish() -> None:
+            try:
+                files.extend(array_io.write_arrays(storage, staged, options, stats, keys))
+                commit.finalize(record, files, metadata)
+            except BaseException as exc:
+                clearer = fail(exc)
+                if clearer is not exc:
+                    raise clearer from exc
+                raise
+
+        return stats, finish
+
+    def wait_until_finished(self) -> None:
+        """Block until the background save in flight (if any) is committed.
+
+        Raises :class:`~zarrckpt.errors.AsyncSaveError` if it failed (its
+        cause is the original error); the error is raised once. Without an
+        async save in flight it returns at once. Orbax's name.
+        """
+        saver: AsyncSaver | None = self.__dict__.get("_zc_async")
+        if saver is not None:
+            saver.wait()
+
+    @property
+    def staging_pool_bytes(self) -> int:
+        """Host memory held by this checkpoint's async staging pool (0 before an async save)."""
+        saver: AsyncSaver | None = self.__dict__.get("_zc_async")
+        return saver.pool.nbytes if saver is not None else 0
+
+    def release_staging_pool(self) -> None:
+        """Wait for a save in flight, then give the staging pool's memory back."""
+        saver: AsyncSaver | None = self.__dict__.get("_zc_async")
+        if saver is not None:
+            saver.wait()
+            saver.pool.release()
 
     def _write_distributed(
         self,
@@ -241,6 +400,9 @@ class Checkpoint(AutoTrackable):
         """
         if coordinator is None:
             return self._read(path, options, storage_options)
+        saver: AsyncSaver | None = self.__dict__.get("_zc_async")
+        if saver is not None:  # its collectives first; its error stays for the next save
+            saver.wait(raise_error=False)
         error: str | None = None
         status: CheckpointLoadStatus | None = None
         local: BaseException | None = None

@@ -13,6 +13,7 @@ import os
 import sys
 
 __all__ = [
+    "AsyncSaveError",
     "CheckpointExistsError",
     "ChecksumError",
     "CheckpointNotFoundError",
@@ -156,6 +157,20 @@ class DistributedSaveError(DistributedError):
 
 class DistributedRestoreError(DistributedError):
     """A distributed restore failed on one or more ranks (every rank raises it)."""
+
+
+class AsyncSaveError(ZarrckptError, RuntimeError):
+    """A background (``enable_async``) save failed; nothing of it was committed.
+
+    Raised by the next ``save()``, ``write()`` or ``wait_until_finished()``
+    after the failure, which therefore did not start anything itself.
+    ``path`` is the checkpoint that was not committed; the original error is
+    the ``__cause__``.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class MatchError(ZarrckptError, AssertionError):

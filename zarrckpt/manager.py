@@ -8,21 +8,25 @@ import math
 import os
 import posixpath
 import re
+import sys
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from zarrckpt._async import wait_at_exit
 from zarrckpt._commit import Manifest, check_metadata, read_marker, writer_identity
+from zarrckpt._graph import build_save_plan
 from zarrckpt._storage import fsync_directory, is_local, open_storage
 from zarrckpt._storage import resolve as resolve_path
 from zarrckpt.checkpoint import Checkpoint
+from zarrckpt.copy import copy_checkpoint
 from zarrckpt.directory import (
     delete_checkpoint,
     list_checkpoints,
@@ -30,6 +34,7 @@ from zarrckpt.directory import (
     state_file_name,
 )
 from zarrckpt.errors import (
+    AsyncSaveError,
     CheckpointExistsError,
     ConcurrentWriterError,
     DistributedError,
@@ -124,6 +129,23 @@ class CheckpointManager:
     ("max" or "min"), the ``max_to_keep`` best checkpoints are kept, plus the
     latest so training can always resume.
 
+    With ``enable_async=True``, :meth:`save` returns once the values are
+    copied into the checkpoint's staging pool and the checkpoint is written
+    and committed in the background; it joins ``checkpoints`` once committed.
+    :meth:`wait_until_finished` waits for it (and raises its error, as the
+    next :meth:`save` does).
+
+    With ``replicate_to`` (a second directory, typically ``s3://...``, with
+    ``replicate_storage_options``), the manager keeps two tiers: every save
+    commits in ``directory`` (fast, local), then a background copy
+    (:func:`~zarrckpt.copy_checkpoint`, verified) commits it in
+    ``replicate_to``. ``max_to_keep`` applies to the local tier and
+    ``remote_max_to_keep`` to the remote one (None keeps all); a local
+    checkpoint is deleted only once its remote copy is committed, or a newer
+    one is. A new manager copies what an earlier run did not.
+    :attr:`latest_checkpoint` (so :meth:`restore_or_initialize`) is the
+    newest committed checkpoint of either tier, the local one when equal.
+
     With a ``coordinator`` (:mod:`zarrckpt.distributed`), every rank creates
     the manager and calls its methods alike: the ranks save each checkpoint
     together; numbering, retention, the state file and leftover removal run
@@ -156,6 +178,10 @@ class CheckpointManager:
         options: CheckpointOptions | None = None,
         gc_older_than: float | None = 3600.0,
         coordinator: Coordinator | None = None,
+        enable_async: bool = False,
+        replicate_to: str | os.PathLike[str] | None = None,
+        replicate_storage_options: dict[str, Any] | None = None,
+        remote_max_to_keep: int | None = None,
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             raise InvalidArgumentError(
@@ -188,9 +214,22 @@ class CheckpointManager:
                 f"checkpoint_name {checkpoint_name!r} is not a plain file name "
                 "(letters, digits, '_', '-', '.', not starting with '.')"
             )
+        if not isinstance(enable_async, bool):
+            raise InvalidArgumentError(f"enable_async must be a bool, got {enable_async!r}")
+        _check_number("remote_max_to_keep", remote_max_to_keep, integer=True, least=1)
+        if replicate_to is None and (
+            replicate_storage_options is not None or remote_max_to_keep is not None
+        ):
+            raise InvalidArgumentError(
+                "replicate_storage_options and remote_max_to_keep need replicate_to"
+            )
         self._checkpoint = checkpoint
         self._storage_options = storage_options
+        if enable_async:
+            options = replace(options or CheckpointOptions(), enable_async=True)
         self._options = options
+        self._async = enable_async or (options is not None and options.enable_async)
+        self._lock = threading.RLock()  # the lists below change on background threads too
         self._fs, self._root = resolve_path(directory, storage_options)
         self._directory = os.fspath(directory).rstrip("/")
         self._max_to_keep = max_to_keep
@@ -210,17 +249,74 @@ class CheckpointManager:
         self._entries: list[_Entry] = []
         self._preserved: list[_Entry] = []
         self._last_preserved = 0.0
+        # The remote tier (replicate_to): its manager lives on rank 0 only.
+        self._replicate_to = None if replicate_to is None else os.fspath(replicate_to).rstrip("/")
+        self._replicate_options = replicate_storage_options
+        self._remote: CheckpointManager | None = None
+        self._remote_latest: _Entry | None = None
+        self._remote_highest = 0
+        self._pending: list[_Entry] = []  # local checkpoints waiting for their remote copy
+        self._replicating: threading.Thread | None = None
+        self._replication_error: AsyncSaveError | None = None
         error = ""
         if self._leader:
             try:
                 if gc_older_than is not None:
                     self._remove_leftovers(gc_older_than)
                 self._entries, self._preserved, self._last_preserved = self._recover()
+                if self._replicate_to is not None:
+                    self._open_remote(remote_max_to_keep, gc_older_than)
             except Exception as exc:
                 if coordinator is None:
                     raise
                 error = f"{type(exc).__name__}: {exc}"
         self._share_state("starting", error)
+        if self._async:
+            self._reserve_staging_pool()
+        if self._replicate_to is not None:
+            wait_at_exit(self)
+            self._start_replication()
+
+    def _open_remote(self, remote_max_to_keep: int | None, gc_older_than: float | None) -> None:
+        """The remote tier's manager; which local checkpoints it still lacks."""
+        assert self._replicate_to is not None
+        local_root = resolve_path(self._directory, self._storage_options)
+        remote_root = resolve_path(self._replicate_to, self._replicate_options)
+        if type(local_root[0]) is type(remote_root[0]) and local_root[1] == remote_root[1]:
+            raise InvalidArgumentError(
+                f"replicate_to={self._replicate_to!r} is the manager's own directory"
+            )
+        options = self._options and replace(self._options, enable_async=False)
+        self._remote = CheckpointManager(
+            self._checkpoint,
+            self._replicate_to,
+            max_to_keep=remote_max_to_keep,
+            keep_checkpoint_every_n_hours=self._keep_every,
+            checkpoint_name=self._name,
+            best_fn=self._best_fn,
+            best_mode=self._best_mode,
+            storage_options=self._replicate_options,
+            options=options,
+            gc_older_than=gc_older_than,
+        )
+        self._remote_latest = self._remote._latest_entry()
+        self._remote_highest = self._remote._highest_taken
+        newest = self._remote_latest.number if self._remote_latest is not None else 0
+        # Older ones are superseded by a newer remote copy: never copied again.
+        self._pending = [e for e in self._entries + self._preserved if e.number > newest]
+        self._pending.sort(key=lambda e: e.number)
+
+    def _reserve_staging_pool(self) -> None:
+        """Allocate the staging pool now, in the background, so the first save finds it."""
+        try:
+            plan = build_save_plan(self._checkpoint)
+        except Exception:  # the first save reports what cannot be saved
+            return
+        nbytes = plan.nbytes + 64 * len(plan.arrays) + 4096  # and a save counter
+        limit = self._options.staging_bytes if self._options is not None else None
+        self._checkpoint._async_saver().pool.reserve_in_background(
+            nbytes if limit is None else min(nbytes, limit)
+        )
 
     def _share_state(self, step: str, error: str = "") -> None:
         """Rank 0's view of the directory, on every rank (nothing to do without a coordinator)."""
@@ -232,6 +328,8 @@ class CheckpointManager:
             self._preserved,
             self._last_preserved,
             self._highest_taken,
+            self._remote_latest,
+            self._remote_highest,
         )
         try:
             shared = self._coordinator.broadcast_object(state if self._leader else None, 0)
@@ -243,7 +341,16 @@ class CheckpointManager:
                 {0: shared[0]},
             )
         if not self._leader:
-            _, self._entries, self._preserved, self._last_preserved, self._highest_taken = shared
+            with self._lock:
+                (
+                    _,
+                    self._entries,
+                    self._preserved,
+                    self._last_preserved,
+                    self._highest_taken,
+                    self._remote_latest,
+                    self._remote_highest,
+                ) = shared
 
     # State ----------------------------------------------------------------------
 
@@ -350,6 +457,12 @@ class CheckpointManager:
             "preserved": [e.name for e in self._preserved],
             "last_preserved_timestamp": self._last_preserved,
         }
+        if self._replicate_to is not None:
+            pending = {e.name for e in self._pending}
+            state["replicate_to"] = self._replicate_to
+            state["replicated"] = [
+                e.name for e in self._entries + self._preserved if e.name not in pending
+            ]
         data = json.dumps(state, indent=1).encode()
         path = self._state_path()
         if is_local(self._fs):
@@ -373,14 +486,35 @@ class CheckpointManager:
 
     @property
     def checkpoints(self) -> list[str]:
-        """The managed checkpoints, oldest first (preserved ones not included)."""
-        return [e.path for e in self._entries]
+        """The managed committed checkpoints, oldest first (preserved ones not included)."""
+        with self._lock:
+            return [e.path for e in self._entries]
+
+    @property
+    def remote_checkpoints(self) -> list[str]:
+        """The remote tier's managed committed checkpoints, oldest first ([] without one).
+
+        With a coordinator, rank 0 knows them; the other ranks get [].
+        """
+        remote = self._remote
+        return remote.checkpoints if remote is not None else []
+
+    def _latest_entry(self) -> _Entry | None:
+        with self._lock:
+            every = self._entries + self._preserved
+        return max(every, key=lambda e: e.number) if every else None
 
     @property
     def latest_checkpoint(self) -> str | None:
-        """The committed checkpoint with the highest number, saved or found at start."""
-        every = self._entries + self._preserved
-        return max(every, key=lambda e: e.number).path if every else None
+        """The committed checkpoint with the highest number, saved or found at start.
+
+        With ``replicate_to``: of either tier, the local one when both have it.
+        """
+        latest = self._latest_entry()
+        remote = self._remote_latest
+        if remote is not None and (latest is None or remote.number > latest.number):
+            return remote.path
+        return latest.path if latest is not None else None
 
     @property
     def checkpoint_interval(self) -> int | None:
@@ -403,7 +537,9 @@ class CheckpointManager:
             return checkpoint_number, counter
         # A restarted job that did not restore the counter, or a newest checkpoint
         # that cannot be read (restore took the one before): never reuse a number.
-        highest = max([self._highest_taken, *(e.number for e in self._entries + self._preserved)])
+        with self._lock:
+            numbers = [e.number for e in self._entries + self._preserved]
+        highest = max([self._highest_taken, self._remote_highest, *numbers])
         if int(counter.numpy()) <= highest:
             counter.assign(highest + 1)
         return int(counter.numpy()), counter
@@ -439,18 +575,23 @@ class CheckpointManager:
             )
         if not self._due(check_interval):
             return None
+        self._raise_background_errors()  # before a number is taken
         number, counter = self._next_number(
             None if checkpoint_number is None else int(checkpoint_number)
         )
         prefix = os.path.join if is_local(self._fs) else posixpath.join
         target = prefix(self._directory, f"{self._name}-{number}")
+        entry = _Entry(target, number, time.time(), _numeric(metadata))
+        options = options or self._options
+        background = options is not None and options.enable_async
         try:
-            path = self._checkpoint.write(
+            path = self._checkpoint._write(
                 target,
-                options=options or self._options,
-                storage_options=self._storage_options,
-                metadata=metadata,
-                coordinator=self._coordinator,
+                options,
+                self._storage_options,
+                metadata,
+                self._coordinator,
+                on_commit=(lambda: self._committed(entry)) if background else None,
             )
         except CheckpointExistsError as exc:
             counter.assign_sub(1)
@@ -462,25 +603,37 @@ class CheckpointManager:
             counter.assign_sub(1)
             raise
         self._highest_taken = max(self._highest_taken, number)
-        entry = _Entry(path, number, time.time(), _numeric(metadata))
-        self._entries.append(entry)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
+        if not background:
+            self._committed(entry)
+        return path
+
+    def _committed(self, entry: _Entry) -> None:
+        """``entry`` is committed: list it, apply retention, write the state, replicate it.
+
+        Runs on the background thread after an async save, on every rank.
+        """
+        with self._lock:
+            self._entries.append(entry)
+            if self._replicate_to is not None and self._leader:
+                self._pending.append(entry)
         error = ""
         if self._leader:
             try:
-                self._after_save(path)
+                self._after_save(entry.path)
             except Exception as exc:
                 if self._coordinator is None:
                     raise
                 error = f"{type(exc).__name__}: {exc}"  # the other ranks must hear of it
         self._share_state("after saving", error)
-        return path
+        self._start_replication()
 
     def _after_save(self, path: str) -> None:
         """Retention and the state file (rank 0's work with a coordinator)."""
-        self._join_deletions(raise_errors=False)
-        self._delete_in_background(self._sweep())
+        with self._lock:
+            self._join_deletions(raise_errors=False)
+            self._delete_in_background(self._sweep())
         try:
             self._write_state()
         except OSError as exc:
@@ -524,8 +677,11 @@ class CheckpointManager:
             doomed = [e for e in self._entries if id(e) not in keep]
         else:
             doomed = self._entries[: max(0, len(self._entries) - self._max_to_keep)]
+        waiting = {e.name for e in self._pending}  # kept until their remote copy is committed
         kept_out = []
         for entry in doomed:
+            if entry.name in waiting:
+                continue
             self._entries.remove(entry)
             hours = self._keep_every
             if hours is not None and entry.maybe_preserved:
@@ -597,18 +753,122 @@ class CheckpointManager:
             stacklevel=3,
         )
 
-    def wait(self) -> None:
-        """Wait for background deletions; raise the first error if one failed."""
+    # Replication (replicate_to) -----------------------------------------------------
+
+    def _start_replication(self) -> None:
+        """Copy the pending checkpoints on a background thread, unless one already does."""
+        with self._lock:
+            if self._remote is None or not self._pending or self._replicating is not None:
+                return
+            self._replicating = threading.Thread(
+                target=self._replicate, name="zarrckpt-replicate", daemon=True
+            )
+            self._replicating.start()
+
+    def _replicate(self) -> None:
+        """Copy pending checkpoints oldest first, each committed remotely before the next."""
+        remote = self._remote
+        assert remote is not None and self._replicate_to is not None
+        join = os.path.join if is_local(remote._fs) else posixpath.join
+        while True:
+            with self._lock:
+                newest = self._remote_latest.number if self._remote_latest is not None else 0
+                self._pending = [e for e in self._pending if e.number > newest]
+                if not self._pending:
+                    self._replicating = None
+                    break
+                entry = self._pending[0]
+            target = join(self._replicate_to, entry.name)
+            try:
+                copy_checkpoint(
+                    entry.path,
+                    target,
+                    source_storage_options=self._storage_options,
+                    destination_storage_options=self._replicate_options,
+                    options=remote._options,
+                )
+                remote._adopt(_Entry(target, entry.number, entry.created, dict(entry.metrics)))
+            except Exception as exc:
+                error = AsyncSaveError(
+                    f"copying {entry.path} to {target} failed ({type(exc).__name__}: {exc}); "
+                    f"{entry.name} is committed locally and kept there, and is copied "
+                    "again after the next save",
+                    target,
+                )
+                error.__cause__ = exc
+                logger.warning("%s", error)
+                with self._lock:
+                    self._replication_error = error
+                    self._replicating = None
+                return
+            with self._lock:
+                self._remote_latest = remote._latest_entry()
+                self._remote_highest = max(self._remote_highest, entry.number)
+                self._pending = [e for e in self._pending if e is not entry]
+            try:  # the local copy may go now, if retention says so
+                self._after_save(entry.path)
+            except Exception as exc:
+                logger.warning("%s: retention after replicating failed: %s", self._directory, exc)
+
+    def _adopt(self, entry: _Entry) -> None:
+        """A checkpoint committed in this (remote) directory by a copy: manage it."""
+        with self._lock:
+            self._highest_taken = max(self._highest_taken, entry.number)
+            self._entries.append(entry)
+            self._entries.sort(key=lambda e: e.number)
+        self._after_save(entry.path)
+
+    def _raise_background_errors(self) -> None:
+        """Wait for the save in flight; raise its error, or a failed copy's, once."""
+        self._checkpoint.wait_until_finished()
+        with self._lock:
+            error, self._replication_error = self._replication_error, None
+        if error is not None:
+            raise error
+
+    def _wait_at_exit(self) -> None:
+        thread = self._replicating
+        if thread is not None:
+            logger.info("waiting for the copies to %s before exiting", self._replicate_to)
+            thread.join()
+        if self._replication_error is not None:
+            print(f"zarrckpt: {self._replication_error}", file=sys.stderr)
+
+    def wait_until_finished(self) -> None:
+        """Wait for the async save in flight, the copies to ``replicate_to`` and deletions.
+
+        Raises the first error among them (a failed async save or copy as
+        :class:`~zarrckpt.errors.AsyncSaveError`). Orbax's name.
+        """
+        self._checkpoint.wait_until_finished()
+        while True:
+            thread = self._replicating
+            if thread is None:
+                break
+            thread.join()
+        self._raise_background_errors()
+        if self._remote is not None:
+            self._remote._join_deletions(raise_errors=True)
         self._join_deletions(raise_errors=True)
 
+    def wait(self) -> None:
+        """:meth:`wait_until_finished` (kept from before async saves)."""
+        self.wait_until_finished()
+
     def restore_or_initialize(self) -> str | None:
-        """Restore the latest checkpoint and return its path, else run ``init_fn``; return None."""
+        """Restore the latest checkpoint and return its path, else run ``init_fn``; return None.
+
+        With ``replicate_to``, the latest of either tier (a new machine with an
+        empty local directory restores from the remote one).
+        """
+        self._raise_background_errors()
         latest = self.latest_checkpoint
         if latest is not None:
+            remote = self._remote_latest is not None and latest == self._remote_latest.path
             self._checkpoint.restore(
                 latest,
                 options=self._options,
-                storage_options=self._storage_options,
+                storage_options=self._replicate_options if remote else self._storage_options,
                 coordinator=self._coordinator,
             )
             if self._step_counter is not None:  # no save at the step just restored
@@ -619,7 +879,10 @@ class CheckpointManager:
         return None
 
     def __repr__(self) -> str:
+        extra = " async" if self._async else ""
+        if self._replicate_to is not None:
+            extra += f" replicate_to={self._replicate_to!r} pending={len(self._pending)}"
         return (
             f"<zarrckpt.CheckpointManager {self._directory!r} name={self._name!r} "
-            f"max_to_keep={self._max_to_keep} checkpoints={len(self._entries)}>"
+            f"max_to_keep={self._max_to_keep} checkpoints={len(self._entries)}{extra}>"
         )

@@ -32,7 +32,16 @@ class CheckpointOptions:
         progress: called with the size in bytes of each file once it is written
             or read (from the I/O threads, so it must be thread-safe); for
             progress bars. The sizes of one save or restore add up to
-            ``IOStats.nbytes``.
+            ``IOStats.nbytes``. In an async save it runs in the background,
+            and an error it raises fails that save (reported by the next call).
+        enable_async: ``save()`` / ``write()`` return once every value is
+            copied into the checkpoint's host staging pool; writing, fsync and
+            the commit run in the background (TensorFlow's
+            ``experimental_enable_async_checkpoint``). See
+            :meth:`Checkpoint.wait_until_finished`.
+        staging_bytes: with ``enable_async``, the most host memory the staging
+            pool may hold (None: as much as the save needs). Values that do not
+            fit are written before ``save()`` returns.
 
     Example:
         >>> opts = CheckpointOptions(inflight_bytes=64 << 20,
@@ -46,6 +55,8 @@ class CheckpointOptions:
     fsync: bool = True
     compression: Mapping[str, Compression] = field(default_factory=dict)
     progress: Callable[[int], None] | None = field(default=None, compare=False)
+    enable_async: bool = False
+    staging_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "threads", "inflight_bytes"):
@@ -54,9 +65,17 @@ class CheckpointOptions:
                 raise InvalidArgumentError(
                     f"CheckpointOptions.{name} must be a positive int, got {value!r}"
                 )
-        if not isinstance(self.fsync, bool):
+        for name in ("fsync", "enable_async"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(
+                    f"CheckpointOptions.{name} must be a bool, got {getattr(self, name)!r}"
+                )
+        staging = self.staging_bytes
+        if staging is not None and (
+            not isinstance(staging, int) or isinstance(staging, bool) or staging < 0
+        ):
             raise InvalidArgumentError(
-                f"CheckpointOptions.fsync must be a bool, got {self.fsync!r}"
+                f"CheckpointOptions.staging_bytes must be None or an int >= 0, got {staging!r}"
             )
         if not isinstance(self.compression, Mapping):
             raise InvalidArgumentError(

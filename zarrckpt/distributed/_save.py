@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -64,7 +65,7 @@ from zarrckpt.errors import (
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.trackable import Trackable
 
-__all__ = ["write_distributed"]
+__all__ = ["start_distributed", "write_distributed"]
 
 Piece = tuple[str, tuple[int, ...], Box, np.ndarray[Any, Any]]  # key, chunk, box, values
 
@@ -113,6 +114,11 @@ class _Save:
         self.record = b""
         self.arrays: dict[str, np.ndarray[Any, Any]] = {}
         self.local_error: BaseException | None = None
+        # An async save writes the values that did not fit its staging pool
+        # before returning: those keys, their files, or the error it met.
+        self.early_keys: set[str] = set()
+        self.early_files: list[ChunkFile] = []
+        self.early_error: str | None = None
 
     # Collectives: a failure of the coordinator itself ends the save on this rank.
 
@@ -275,21 +281,31 @@ class _Save:
         plan: GlobalPlan,
         storage: Storage,
         incoming: dict[tuple[str, tuple[int, ...]], list[Piece]],
+        *,
+        only: set[str] | None = None,
     ) -> list[Task]:
+        """This rank's write tasks; ``only``: the chunks of those keys alone, no metadata.
+
+        Without ``only``, the chunks of :attr:`early_keys` are left out (written already).
+        """
         tasks: list[Task] = []
         stats = self.stats
         groups: set[str] = set()
         for index, value in enumerate(plan.values):
             layout = value.layout
+            if only is None:  # the metadata goes with the last part
+                if self._writes_metadata(index, plan.world_size):
+                    data = layout.metadata()
+                    path = f"{value.key}/zarr.json"
+                    tasks.append((len(data), partial(write_file, storage, path, data, stats)))
+                parts = value.key.split("/")
+                groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+                if value.key in self.early_keys:
+                    continue
+            elif value.key not in only:
+                continue
             cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
             array = self.arrays[value.key]
-            if self._writes_metadata(index, plan.world_size):
-                data = layout.metadata()
-                tasks.append(
-                    (len(data), partial(write_file, storage, f"{value.key}/zarr.json", data, stats))
-                )
-            parts = value.key.split("/")
-            groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
             if value.writer is not None:
                 for coords in value.owned_by(self.rank):
                     tasks.append(
@@ -355,19 +371,54 @@ class _Save:
         origin = tuple(a for a, _ in box)
         return write_chunk(storage, value.key, value.layout, chunk, coords, self.stats, origin)
 
+    def _check_shared(self, storage: Storage) -> None:
+        if isinstance(storage, LocalStorage) and not os.path.isdir(storage.root):
+            raise FileNotFoundError(
+                f"rank 0's temporary directory {storage.root} does not exist here: the "
+                "checkpoint path must be on a filesystem every rank shares"
+            )
+
+    def stage(
+        self,
+        plan: GlobalPlan,
+        storage: Storage,
+        incoming: Any,
+        stage: Stage,
+        limit: int | None,
+    ) -> int:
+        """Copy the values this rank writes into the staging pool; write those that do not fit.
+
+        Returns the bytes staged. An error writing is kept for the report of
+        :meth:`write`, so every rank learns of it at the same collective.
+        """
+        writes = [
+            (value.key, self.arrays[value.key])
+            for value in plan.values
+            if value.owned_by(self.rank)  # the pieces sent to other ranks are copies already
+        ]
+        staged, left, nbytes = stage(writes, limit)
+        self.arrays.update(staged)
+        if left:
+            self.early_keys = {key for key, _ in left}
+            try:
+                self._check_shared(storage)
+                tasks = self.tasks(plan, storage, incoming, only=self.early_keys)
+                self.early_files = run_tasks(tasks, self.options, self.stats)
+            except Exception as exc:
+                self.local_error = exc
+                self.early_error = _text(self._explained(exc))
+        return nbytes
+
     def write(self, plan: GlobalPlan, storage: Storage, incoming: Any) -> None:
         """Write and sync this rank's files; report them; rank 0 commits. Raises on any failure."""
-        error: str | None = None
+        error: str | None = self.early_error
         files: list[tuple[str, int, int]] = []
         try:
-            if isinstance(storage, LocalStorage) and not os.path.isdir(storage.root):
-                raise FileNotFoundError(
-                    f"rank 0's temporary directory {storage.root} does not exist here: the "
-                    "checkpoint path must be on a filesystem every rank shares"
-                )
-            written = run_tasks(self.tasks(plan, storage, incoming), self.options, self.stats)
-            storage.sync()
-            files = [(f.key, f.size, f.crc32c) for f in written]
+            if error is None:
+                self._check_shared(storage)
+                written = run_tasks(self.tasks(plan, storage, incoming), self.options, self.stats)
+                storage.sync()
+                files = [(f.key, f.size, f.crc32c) for f in self.early_files + written]
         except BaseException as exc:
             self.local_error = exc
             error = _text(self._explained(exc))
@@ -412,6 +463,53 @@ def _check_complete(plan: GlobalPlan, reports: list[tuple[str | None, Any]]) -> 
     if missing:
         raise ZarrckptError(f"{len(missing)} chunks were written by no rank, e.g. {missing[:3]}")
     return files
+
+
+Stage = Callable[
+    [list[tuple[str, np.ndarray[Any, Any]]], int | None],
+    tuple[list[tuple[str, np.ndarray[Any, Any]]], list[tuple[str, np.ndarray[Any, Any]]], int],
+]
+
+
+def start_distributed(
+    root: Trackable,
+    path: str | os.PathLike[str],
+    coordinator: Coordinator,
+    *,
+    options: CheckpointOptions,
+    storage_options: dict[str, Any] | None,
+    metadata: dict[str, MetadataValue],
+    save_plan: SavePlan | None,
+    stage: Stage,
+) -> tuple[IOStats, Callable[[], None]]:
+    """The part of an async distributed save the caller waits for, and the rest.
+
+    Plans, opens and exchanges chunk pieces like :func:`write_distributed`,
+    then copies this rank's values into the staging pool (``stage``). The
+    returned function writes from the copies, reports and commits; every rank
+    runs it (on its background thread), with the same collectives as a
+    blocking save.
+    """
+    save = _Save(root, os.fspath(path), coordinator, options, storage_options, metadata)
+    plan = save.plan(save_plan)
+    storage = save.open()
+    try:
+        incoming = save.exchange(plan)
+        save.stats.staged_bytes = save.stage(plan, storage, incoming, stage, options.staging_bytes)
+    except BaseException:
+        if save.commit is not None:
+            save.commit.abort()
+        raise
+
+    def finish() -> None:
+        try:
+            save.write(plan, storage, incoming)
+        except BaseException:
+            if save.commit is not None:
+                save.commit.abort()
+            raise
+
+    return save.stats, finish
 
 
 def write_distributed(

@@ -92,21 +92,27 @@ class StagingPool:
         """Bytes of host memory the pool holds."""
         return int(self._buffer.nbytes)
 
-    def reserve(self, nbytes: int) -> None:
-        """Make the pool hold at least ``nbytes``, populated; waits for a background reserve."""
+    def reserve(self, nbytes: int, limit: int | None = None) -> None:
+        """Make the pool hold at least ``nbytes``, populated; waits for a background reserve.
+
+        It rounds up to whole huge pages, but never above ``limit`` bytes.
+        """
         self._join()
         with self._lock:
             if nbytes > self._buffer.nbytes:
+                size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
+                if limit is not None:
+                    size = max(nbytes, min(size, limit))
                 self._buffer = np.empty(0, np.uint8)  # the old mapping goes before the new
-                self._buffer = self._allocate(-(-nbytes // _HUGE_PAGE) * _HUGE_PAGE)
+                self._buffer = self._allocate(size)
 
-    def reserve_in_background(self, nbytes: int) -> None:
+    def reserve_in_background(self, nbytes: int, limit: int | None = None) -> None:
         """Start :meth:`reserve` on a thread (at setup, so the first save finds the pool ready)."""
         self._join()
 
         def run() -> None:
             try:
-                self.reserve(nbytes)
+                self.reserve(nbytes, limit)
             except BaseException as exc:  # reported by the next reserve()
                 self._grow_error = exc
 
@@ -227,7 +233,7 @@ class AsyncSaver:
                 continue
             placed.append((key, array, end))
             end += size
-        self.pool.reserve(end)
+        self.pool.reserve(end, limit)
         staged: list[tuple[str, Array]] = []
         tasks: list[Callable[[], None]] = []
         for key, array, offset in placed:

@@ -294,6 +294,50 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
     }
 
 
+_STATE_FILE = re.compile(r"zarrckpt_state\.(.+)\.json")
+
+
+def _replication(directory: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The two-tier managers of a directory, from their state files: name, remote, copied."""
+    fs, root = resolve_path(directory, storage_options)
+    found = []
+    for entry in sorted(fs.ls(root, detail=False)):
+        match = _STATE_FILE.fullmatch(posixpath.basename(str(entry).rstrip("/")))
+        if match is None:
+            continue
+        try:
+            with fs.open(entry, "rb") as file:
+                state = json.loads(file.read(64 << 20))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(state, dict):
+            continue
+        remote, copied = state.get("replicate_to"), state.get("replicated", [])
+        if not isinstance(remote, str) or not isinstance(copied, list):
+            continue
+        found.append(
+            {
+                "checkpoint_name": match.group(1),
+                "replicate_to": remote,
+                "replicated": sorted(name for name in copied if isinstance(name, str)),
+            }
+        )
+    return found
+
+
+def _remote_tier(tier: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
+    """Add the remote directory's checkpoints of ``tier``'s name (or why they cannot be listed)."""
+    try:
+        infos = zc.list_checkpoints(
+            tier["replicate_to"], storage_options, checkpoint_name=tier["checkpoint_name"]
+        )
+    except (OSError, ZarrckptError) as exc:
+        tier["error"] = f"{type(exc).__name__}: {exc}"
+        tier["remote"] = []
+    else:
+        tier["remote"] = infos
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     """``zarrckpt ls DIR``: the checkpoints in a directory, or a checkpoint's variables."""
     if _holds_commit(args.directory, args.storage_options):
@@ -308,20 +352,66 @@ def cmd_ls(args: argparse.Namespace) -> int:
         )
     _require_directory(args.directory, args.storage_options)
     infos = zc.list_checkpoints(args.directory, args.storage_options)
+    tiers = _replication(args.directory, args.storage_options)
+    remote_options = getattr(args, "remote_storage_options", None)
+    for tier in tiers:
+        _remote_tier(tier, remote_options)
+    copied = {name for tier in tiers for name in tier["replicated"]}
+    names = {tier["checkpoint_name"] for tier in tiers}
+
+    def remote_state(info: CheckpointInfo) -> str:
+        """'copied' / 'pending' for a committed checkpoint of a two-tier manager, else ''."""
+        name = info.name.rpartition("-")[0]
+        if name not in names or not info.committed:
+            return ""
+        return "copied" if info.name in copied else "pending"
+
     if args.json:
-        _print_json(
-            {"directory": args.directory, "checkpoints": [_info_json(info) for info in infos]}
-        )
+        document: dict[str, Any] = {
+            "directory": args.directory,
+            "checkpoints": [
+                {**_info_json(info), "remote": remote_state(info) or None} for info in infos
+            ],
+        }
+        if tiers:
+            document["replication"] = [
+                {**tier, "remote": [_info_json(info) for info in tier["remote"]]} for tier in tiers
+            ]
+        _print_json(document)
         return 0
     if not infos:
         print(f"no checkpoints in {args.directory}")
-        return 0
-    print(f"{'number':>8}  {'created':19}  {'size':>10}  state          path")
-    for info in infos:
-        number = "-" if info.number is None else str(info.number)
-        when = format_time(info.created)
-        size = format_size(info.size)
-        print(f"{number:>8}  {when}  {size:>10}  {info.state:13}  {printable(info.path)}")
+    else:
+        remote_column = f"  {'remote':7}" if tiers else ""
+        print(f"{'number':>8}  {'created':19}  {'size':>10}  {'state':13}{remote_column}  path")
+        for info in infos:
+            number = "-" if info.number is None else str(info.number)
+            when = format_time(info.created)
+            size = format_size(info.size)
+            column = f"  {remote_state(info):7}" if tiers else ""
+            print(
+                f"{number:>8}  {when}  {size:>10}  {info.state:13}{column}  {printable(info.path)}"
+            )
+    for tier in tiers:
+        remote = tier["remote"]
+        committed = [info for info in remote if info.committed]
+        print(
+            f"remote tier of '{printable(tier['checkpoint_name'])}': "
+            f"{printable(tier['replicate_to'])}: "
+            + (
+                f"cannot list ({printable(tier['error'])}; "
+                "--remote-storage-options gives its credentials)"
+                if "error" in tier
+                else f"{len(committed)} committed"
+                + (f", {len(remote) - len(committed)} not committed" if remote != committed else "")
+            )
+        )
+        for info in remote:
+            number = "-" if info.number is None else str(info.number)
+            print(
+                f"{number:>8}  {format_time(info.created)}  {format_size(info.size):>10}  "
+                f"{info.state:13}  {printable(info.path)}"
+            )
     for info in infos:
         if info.damage:
             print(f"damaged: {info.path}: {printable(info.damage)}", file=sys.stderr)
@@ -1005,6 +1095,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "a single checkpoint lists its variables as 'show' does",
     )
     ls.add_argument("--json", action="store_true", help=json_help)
+    ls.add_argument(
+        "--remote-storage-options",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="storage options of a two-tier manager's remote directory (replicate_to)",
+    )
     ls.set_defaults(run=cmd_ls)
 
     show = command("show", "variables of a checkpoint (or --tree: its graph)")

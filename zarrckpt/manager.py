@@ -315,7 +315,7 @@ class CheckpointManager:
         nbytes = plan.nbytes + 64 * len(plan.arrays) + 4096  # and a save counter
         limit = self._options.staging_bytes if self._options is not None else None
         self._checkpoint._async_saver().pool.reserve_in_background(
-            nbytes if limit is None else min(nbytes, limit)
+            nbytes if limit is None else min(nbytes, limit), limit
         )
 
     def _share_state(self, step: str, error: str = "") -> None:

@@ -370,7 +370,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         document: dict[str, Any] = {
             "directory": args.directory,
             "checkpoints": [
-                {**_info_json(info), "remote": remote_state(info) or None} for info in infos
+                {**_info_json(info), "remote": remote_state(info) or None}
+                if tiers
+                else _info_json(info)
+                for info in infos
             ],
         }
         if tiers:

@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 from launching import free_port, wait_all
 
+import zarrckpt as zc
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.fsdp")
 zarr = pytest.importorskip("zarr")
@@ -210,6 +212,13 @@ def two(base) -> Launch:
         {"name": "fsdp", "scenario": "fsdp_train", "path": base / "fsdp"},
         {"name": "managed", "scenario": "managed", "directory": base / "managed", "stop": 6},
         {"name": "reference", "scenario": "managed", "stop": 10},  # no manager: 0..9 at once
+        {
+            "name": "managed_async",
+            "scenario": "managed",
+            "directory": base / "managed-async",
+            "stop": 6,
+            "async": True,
+        },
     ]
     return launch(base / "two", 2, steps)
 
@@ -512,3 +521,30 @@ def test_manager_on_two_ranks_resumes_training_bit_identically(two, base):
         for key in want:
             assert np.array_equal(got[key], want[key]), (rank, key)
     assert sorted(n for n in os.listdir(directory) if n.startswith("ckpt")) == ["ckpt-4", "ckpt-5"]
+
+
+def test_async_manager_on_two_ranks_saves_the_state_of_the_call(two, base):
+    """Each rank stages its FSDP2 shards; a training step right after save() changes them all."""
+    directory = base / "managed-async"
+    ckpt = [str(directory / f"ckpt-{n}") for n in range(1, 4)]
+    reference = two.step("reference")[0]["losses"]
+    for result in two.step("managed_async"):
+        assert [s["path"] for s in result["saves"]] == ckpt
+        # Listed once committed: right after save() the one in flight may not be.
+        for n, save in enumerate(result["saves"]):
+            assert set(save["checkpoints"]) <= set(ckpt[: n + 1])
+        assert result["checkpoints"] == ckpt[1:3]
+        assert result["losses"] == {k: v for k, v in reference.items() if int(k) < 6}
+        assert result["after_save"] == reference["6"]
+    assert sorted(n for n in os.listdir(directory) if n.startswith("ckpt")) == ["ckpt-2", "ckpt-3"]
+    saved = two.tensors("managed_async", 0)
+    assert saved.keys() == two.tensors("managed", 0).keys()
+    keys = {key for key, _, _ in zc.list_variables(ckpt[2])}
+    for name, want in saved.items():
+        kind, _, rest = name.partition("/")
+        key = f"model/{rest}/{VALUE}" if kind == "model" else f"optim/state/{rest}/{VALUE}"
+        assert key in keys, key
+        stored = np.array(zc.load_variable(ckpt[2], key))
+        if stored.dtype == np.bool_:
+            stored = stored.astype(np.uint8)
+        assert np.array_equal(stored.view(want.dtype), want), key

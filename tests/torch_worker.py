@@ -470,6 +470,7 @@ class Rank:
                 max_to_keep=2,
                 step_counter=counter,
                 coordinator=self.coordinator,
+                enable_async=bool(step.get("async")),
             )
             result["found"] = manager.checkpoints
             result["restored"] = manager.restore_or_initialize()
@@ -488,10 +489,15 @@ class Rank:
                         "latest": manager.latest_checkpoint,
                     }
                 )
+        if manager is not None and step.get("async"):
+            # The state saved last; then a step changes every tensor while it is written.
+            self.dump(step["name"], trainer.full_state())
+            result["after_save"] = trainer.step(step["stop"])
         if manager is not None:
             manager.wait()
             self.coordinator.barrier()  # every rank's deletions done before the parent looks
-        self.dump(step["name"], trainer.full_state())
+        if not step.get("async"):
+            self.dump(step["name"], trainer.full_state())
         result.update(losses=losses, saves=saves, step=int(counter.numpy()))
         if manager is not None:
             result["checkpoints"] = manager.checkpoints

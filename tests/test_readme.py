@@ -27,7 +27,11 @@ def test_readme_python_blocks_run(tmp_path, capsys):
     run_readme(tmp_path)
     assert (tmp_path / "run-1" / "_COMMIT").is_file()
     assert (tmp_path / "run-2" / "_COMMIT").is_file()
-    assert "IOStats(" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "IOStats(" in out
+    remote = sorted(p.name for p in (tmp_path / "remote").iterdir())
+    assert remote[0].startswith("ckpt-") and remote[-1] == "zarrckpt_state.ckpt.json"
+    assert f"['{tmp_path}/remote/{remote[0]}']" in out  # async save committed, then copied
 
 
 @pytest.mark.filterwarnings("error::zarrckpt.errors.UnsavedValueWarning")

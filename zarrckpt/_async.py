@@ -16,7 +16,8 @@ it as :class:`~zarrckpt.errors.AsyncSaveError`.
 
 from __future__ import annotations
 
-import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours
+import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook before ours
 import ctypes
 import logging
 import mmap
@@ -244,8 +245,16 @@ class AsyncSaver:
             if self._copiers is None:
                 workers = max(1, min(4, os.cpu_count() or 1))
                 self._copiers = ThreadPoolExecutor(workers, thread_name_prefix="zarrckpt-stage")
-            for future in [self._copiers.submit(task) for task in tasks]:
-                future.result()
+            futures = [self._copiers.submit(task) for task in tasks]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                # No copy may still run into the pool once this returns (Ctrl-C, an error).
+                for future in futures:
+                    future.cancel()
+                concurrent.futures.wait(futures)
+                raise
         elif tasks:
             tasks[0]()
         return staged, left, end

@@ -352,6 +352,8 @@ class Checkpoint(AutoTrackable):
         """Increment ``save_counter`` and write ``<file_prefix>-<counter>``; return that path.
 
         With a ``coordinator``, every rank calls it and gets the same path (see :meth:`write`).
+        With ``options=CheckpointOptions(enable_async=True)`` the path is committed
+        in the background (:meth:`wait_until_finished`).
         """
         counter = self._create_save_counter()
         counter.assign_add(1)

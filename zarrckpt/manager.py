@@ -309,7 +309,9 @@ class CheckpointManager:
     def _reserve_staging_pool(self) -> None:
         """Allocate the staging pool now, in the background, so the first save finds it."""
         try:
-            plan = build_save_plan(self._checkpoint)
+            with warnings.catch_warnings():  # the first save warns of what it leaves out
+                warnings.simplefilter("ignore")
+                plan = build_save_plan(self._checkpoint)
         except Exception:  # the first save reports what cannot be saved
             return
         nbytes = plan.nbytes + 64 * len(plan.arrays) + 4096  # and a save counter
@@ -559,6 +561,12 @@ class CheckpointManager:
         numbers, e.g. ``{"loss": 0.31}``) are stored in the checkpoint's
         manifest, where ``best_fn`` finds them even after a restart. Old
         checkpoints are deleted in the background afterwards.
+
+        With ``enable_async`` it returns once the values are staged: the path
+        joins :attr:`checkpoints` when committed. It first waits for the
+        previous save and raises its error, or a failed copy's to
+        ``replicate_to`` (:class:`~zarrckpt.errors.AsyncSaveError`), without
+        saving.
         """
         if checkpoint_number is not None and (
             isinstance(checkpoint_number, bool)
@@ -583,6 +591,8 @@ class CheckpointManager:
         target = prefix(self._directory, f"{self._name}-{number}")
         entry = _Entry(target, number, time.time(), _numeric(metadata))
         options = options or self._options
+        if self._async and options is not None and not options.enable_async:
+            options = replace(options, enable_async=True)  # the manager's setting holds
         background = options is not None and options.enable_async
         try:
             path = self._checkpoint._write(
@@ -761,9 +771,17 @@ class CheckpointManager:
             if self._remote is None or not self._pending or self._replicating is not None:
                 return
             self._replicating = threading.Thread(
-                target=self._replicate, name="zarrckpt-replicate", daemon=True
+                target=self._replicate_and_end, name="zarrckpt-replicate", daemon=True
             )
             self._replicating.start()
+
+    def _replicate_and_end(self) -> None:
+        try:
+            self._replicate()
+        finally:  # whatever happened, this thread no longer copies
+            with self._lock:
+                if self._replicating is threading.current_thread():
+                    self._replicating = None
 
     def _replicate(self) -> None:
         """Copy pending checkpoints oldest first, each committed remotely before the next."""
@@ -827,8 +845,7 @@ class CheckpointManager:
             raise error
 
     def _wait_at_exit(self) -> None:
-        thread = self._replicating
-        if thread is not None:
+        while (thread := self._replicating) is not None:
             logger.info("waiting for the copies to %s before exiting", self._replicate_to)
             thread.join()
         if self._replication_error is not None:
@@ -841,10 +858,7 @@ class CheckpointManager:
         :class:`~zarrckpt.errors.AsyncSaveError`). Orbax's name.
         """
         self._checkpoint.wait_until_finished()
-        while True:
-            thread = self._replicating
-            if thread is None:
-                break
+        while (thread := self._replicating) is not None:
             thread.join()
         self._raise_background_errors()
         if self._remote is not None:

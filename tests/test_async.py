@@ -432,3 +432,34 @@ def test_torch_module_and_optimizer_are_snapshot_at_the_call(tmp_path: Any) -> N
     assert len(restored) == len(moments) == 4
     for value, expected in zip(restored, moments, strict=True):
         assert torch.equal(value, expected)
+
+
+def test_ranks_write_what_does_not_fit_their_pool_before_returning(tmp_path: Any) -> None:
+    full = np.arange(90 * 16, dtype=np.float64).reshape(90, 16)
+    path = str(tmp_path / "ckpt")
+
+    def work(coordinator: Any) -> Any:
+        rank = coordinator.rank
+        # 30 rows a rank, chunks of 8 rows: chunks cross blocks, pieces are exchanged.
+        rows = full[30 * rank : 30 * (rank + 1)].copy()
+        block = zc.Variable.sharded(rows, full.shape, (30 * rank, 0))
+        small = zc.Variable(np.full((3,), rank + 1.0))
+        ckpt = zc.Checkpoint(w=block, s=small)
+        options = zc.CheckpointOptions(
+            enable_async=True, staging_bytes=1024, chunk_bytes=8 * 16 * 8, fsync=False
+        )
+        ckpt.write(path, options=options, coordinator=coordinator)
+        block.numpy()[...] = -1
+        small.numpy()[...] = -1
+        ckpt.wait_until_finished()
+        return ckpt.last_write_stats.staged_bytes
+
+    staged = run_ranks(3, work)
+    assert staged[0] == 64, staged  # "s" (written by one rank) fits; no rank's block does
+    np.testing.assert_array_equal(zc.load_variable(path, KEY), full)
+    assert zc.load_variable(path, "s/.ATTRIBUTES/VARIABLE_VALUE").tolist() in (
+        [1.0] * 3,
+        [2.0] * 3,
+        [3.0] * 3,
+    )
+    assert zc.verify(path).files > 0

@@ -463,3 +463,24 @@ def test_ranks_write_what_does_not_fit_their_pool_before_returning(tmp_path: Any
         [3.0] * 3,
     )
     assert zc.verify(path).files > 0
+
+
+def test_manager_calls_an_overridden_write_of_a_checkpoint_subclass(tmp_path: Any) -> None:
+    calls: list[str] = []
+
+    class Traced(zc.Checkpoint):
+        def write(self, path: Any, **kwargs: Any) -> str:
+            calls.append(str(path))
+            return super().write(path, **kwargs)
+
+    for directory, enable_async in ((tmp_path / "a", True), (tmp_path / "b", False)):
+        manager = zc.CheckpointManager(
+            Traced(w=zc.Variable(np.ones((4,), np.float32))),
+            str(directory),
+            enable_async=enable_async,
+        )
+        path = manager.save()
+        manager.wait_until_finished()
+        assert calls[-1] == path
+        assert manager.checkpoints == [path]
+        assert zc.verify(path).files > 0

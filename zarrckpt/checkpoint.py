@@ -131,7 +131,10 @@ class Checkpoint(AutoTrackable):
         every value is copied into this checkpoint's staging pool, and writes
         and commits in the background (see :meth:`wait_until_finished`).
         """
-        return self._write(path, options, storage_options, metadata, coordinator)
+        # A CheckpointManager's callback for an async commit (it calls this method,
+        # which a subclass may override, rather than _write).
+        on_commit: Callable[[], None] | None = self.__dict__.pop("_zc_on_commit", None)
+        return self._write(path, options, storage_options, metadata, coordinator, on_commit)
 
     def _write(
         self,

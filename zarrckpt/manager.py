@@ -594,14 +594,15 @@ class CheckpointManager:
         if self._async and options is not None and not options.enable_async:
             options = replace(options, enable_async=True)  # the manager's setting holds
         background = options is not None and options.enable_async
+        if background:  # taken by Checkpoint.write, which runs it once committed
+            object.__setattr__(self._checkpoint, "_zc_on_commit", lambda: self._committed(entry))
         try:
-            path = self._checkpoint._write(
+            path = self._checkpoint.write(
                 target,
-                options,
-                self._storage_options,
-                metadata,
-                self._coordinator,
-                on_commit=(lambda: self._committed(entry)) if background else None,
+                options=options,
+                storage_options=self._storage_options,
+                metadata=metadata,
+                coordinator=self._coordinator,
             )
         except CheckpointExistsError as exc:
             counter.assign_sub(1)
@@ -612,10 +613,14 @@ class CheckpointManager:
         except BaseException:
             counter.assign_sub(1)
             raise
+        finally:
+            # Not taken: a subclass's write() that did not call Checkpoint.write
+            # (so it is committed now), or an error before it.
+            unused = self._checkpoint.__dict__.pop("_zc_on_commit", None)
         self._highest_taken = max(self._highest_taken, number)
         if self._step_counter is not None:
             self._last_saved_step = int(self._step_counter.numpy())
-        if not background:
+        if not background or unused is not None:
             self._committed(entry)
         return path
 

@@ -521,8 +521,19 @@ def test_mpi_save_on_three_ranks_restore_on_two_and_a_failing_rank(tmp_path):
             "version": 7,
         },
         {"name": "failing", "scenario": "failing_rank", "prefix": base / "failing" / "ckpt"},
+        {
+            "name": "async",
+            "scenario": "save",
+            "layout": "mixed",
+            "path": base / "async",
+            "version": 8,
+            "async": True,
+        },
     ]
     run = launch(tmp_path / "save", 3, steps, backend="mpi")
+    # An async save: collectives on each rank's background thread, values of the call.
+    assert [r["path"] for r in run.step("async")] == [str(base / "async")] * 3
+    restore_in_one_process(str(base / "async"), version=8)
     assert [r["path"] for r in run.step("save")] == [str(base / "mixed")] * 3
     results = run.step("failing")
     assert [r["type"] for r in results] == ["DistributedSaveError"] * 3

@@ -7,6 +7,7 @@ waits on an event, so what is committed while it runs is checked for sure.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from threaded_ranks import run_ranks
 
 import zarrckpt as zc
+from zarrckpt._async import BACKGROUND_NICENESS
 from zarrckpt.errors import AsyncSaveError, InvalidArgumentError
 
 KEY = "w/.ATTRIBUTES/VARIABLE_VALUE"
@@ -484,3 +486,23 @@ def test_manager_calls_an_overridden_write_of_a_checkpoint_subclass(tmp_path: An
         assert calls[-1] == path
         assert manager.checkpoints == [path]
         assert zc.verify(path).files > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_the_background_write_runs_at_a_lower_cpu_priority(tmp_path: Any) -> None:
+    seen: list[int] = []
+
+    def progress(nbytes: int) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ckpt, _ = model()
+    ckpt.save(
+        str(tmp_path / "c"), options=zc.CheckpointOptions(enable_async=True, progress=progress)
+    )
+    ckpt.wait_until_finished()
+    assert seen and set(seen) == {min(19, mine + BACKGROUND_NICENESS)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    seen.clear()
+    ckpt.save(str(tmp_path / "c"), options=zc.CheckpointOptions(progress=progress))
+    assert set(seen) == {mine}  # a blocking save keeps the caller's priority

@@ -36,15 +36,18 @@ import numpy as np
 from zarrckpt.errors import AsyncSaveError
 from zarrckpt.trackable import ArrayWindow
 
-__all__ = ["AsyncSaver", "StagingPool", "wait_at_exit"]
+__all__ = ["AsyncSaver", "StagingPool", "lower_priority", "wait_at_exit"]
 
 logger = logging.getLogger("zarrckpt")
 
 _ALIGN = 64  # every staged value starts on a cache line
 _HUGE_PAGE = 2 << 20
 _PIECE = 8 << 20  # the unit of one copy task
-_MADV_HUGEPAGE = 14  # Linux
+_MADV_NOHUGEPAGE = 15  # Linux
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
+# How much lower than the caller's the background save's CPU priority is (its
+# I/O threads inherit it): the training's threads keep their cores.
+BACKGROUND_NICENESS = 10
 _PAGE = mmap.PAGESIZE
 
 Array = np.ndarray[Any, Any]
@@ -76,9 +79,11 @@ class StagingPool:
 
     ``nbytes`` is the memory it holds. It grows (to what the save needs,
     rounded up to 2 MiB) when a save needs more and never shrinks until
-    :meth:`release`. On Linux it is an anonymous mapping advised to use huge
-    pages and populated at once (``MADV_POPULATE_WRITE``): 0.12 s a GiB here,
-    against 2.7 s for touching fresh 4 KiB pages one by one.
+    :meth:`release`. On Linux it is an anonymous mapping populated at once
+    (``MADV_POPULATE_WRITE``): 0.25 s a GiB here, against 2.7 s for faulting
+    fresh pages in one by one during a copy. It is kept off huge pages: on
+    the VMs measured (bench/RESULTS.md), populating huge pages cost 2.5 s a
+    GiB in a new process, and writes from them were slower too.
     """
 
     def __init__(self) -> None:
@@ -143,7 +148,7 @@ class StagingPool:
             populated = False
             if _MADVISE is not None:
                 address = buffer.ctypes.data
-                _MADVISE(address, nbytes, _MADV_HUGEPAGE)
+                _MADVISE(address, nbytes, _MADV_NOHUGEPAGE)
                 populated = _MADVISE(address, nbytes, _MADV_POPULATE_WRITE) == 0
             if not populated:
                 buffer[::_PAGE] = 0  # touch every page now, not during a save
@@ -196,6 +201,24 @@ def _copy_tasks(target: Array, source: Array | ArrayWindow) -> list[Callable[[],
         np.copyto(target[region], source[region])
 
     return [partial(copy_rows, a) for a in range(0, rows, step)]
+
+
+def lower_priority() -> None:
+    """Lower this thread's CPU priority (and so its future threads') by BACKGROUND_NICENESS.
+
+    On Linux a thread's niceness is its own and new threads inherit it, so a
+    background save's I/O threads leave the cores to the caller's threads
+    when both want them. Elsewhere (the call would renice the whole process)
+    it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, now + BACKGROUND_NICENESS))
+    except OSError:  # pragma: no cover - raising one's own niceness is always allowed
+        pass
 
 
 class AsyncSaver:
@@ -265,6 +288,7 @@ class AsyncSaver:
 
         def run() -> None:
             try:
+                lower_priority()
                 work()
             except BaseException as exc:
                 error = AsyncSaveError(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from zarrckpt._async import wait_at_exit
+from zarrckpt._async import lower_priority, wait_at_exit
 from zarrckpt._commit import Manifest, check_metadata, read_marker, writer_identity
 from zarrckpt._graph import build_save_plan
 from zarrckpt._storage import fsync_directory, is_local, open_storage
@@ -782,6 +782,7 @@ class CheckpointManager:
 
     def _replicate_and_end(self) -> None:
         try:
+            lower_priority()
             self._replicate()
         finally:  # whatever happened, this thread no longer copies
             with self._lock:

@@ -479,37 +479,40 @@ def start_distributed(
     options: CheckpointOptions,
     storage_options: dict[str, Any] | None,
     metadata: dict[str, MetadataValue],
-    save_plan: SavePlan | None,
-    stage: Stage,
+    save_plan: SavePlan | None = None,
+    stage: Stage | None = None,
 ) -> tuple[IOStats, Callable[[], None]]:
-    """The part of an async distributed save the caller waits for, and the rest.
+    """Plan, open and exchange chunk pieces; return this rank's stats and the rest of the save.
 
-    Plans, opens and exchanges chunk pieces like :func:`write_distributed`,
-    then copies this rank's values into the staging pool (``stage``). The
-    returned function writes from the copies, reports and commits; every rank
-    runs it (on its background thread), with the same collectives as a
-    blocking save.
+    With ``stage`` (an async save), this rank's values are copied into the
+    staging pool before returning. The returned function writes (from the
+    copies), reports and commits; every rank runs it, an async save on its
+    background thread, with the same collectives as a blocking save.
+    ``save_plan``: this rank's plan, when the caller made it already.
     """
     save = _Save(root, os.fspath(path), coordinator, options, storage_options, metadata)
     plan = save.plan(save_plan)
     storage = save.open()
-    try:
-        incoming = save.exchange(plan)
-        save.stats.staged_bytes = save.stage(plan, storage, incoming, stage, options.staging_bytes)
-    except BaseException:
-        if save.commit is not None:
-            save.commit.abort()
-        raise
 
-    def finish() -> None:
+    def aborting(step: Callable[[], None]) -> None:
         try:
-            save.write(plan, storage, incoming)
+            step()
         except BaseException:
-            if save.commit is not None:
+            if save.commit is not None:  # an interrupt between collectives, on rank 0
                 save.commit.abort()
             raise
 
-    return save.stats, finish
+    incoming: dict[tuple[str, tuple[int, ...]], list[Piece]] = {}
+
+    def prepare() -> None:
+        incoming.update(save.exchange(plan))
+        if stage is not None:
+            save.stats.staged_bytes = save.stage(
+                plan, storage, incoming, stage, options.staging_bytes
+            )
+
+    aborting(prepare)
+    return save.stats, partial(aborting, partial(save.write, plan, storage, incoming))
 
 
 def write_distributed(
@@ -526,14 +529,14 @@ def write_distributed(
 
     ``save_plan``: this rank's plan, when the caller made it already.
     """
-    save = _Save(root, os.fspath(path), coordinator, options, storage_options, metadata)
-    plan = save.plan(save_plan)
-    storage = save.open()
-    try:
-        incoming = save.exchange(plan)
-        save.write(plan, storage, incoming)
-    except BaseException:
-        if save.commit is not None:  # an interrupt between collectives, on rank 0
-            save.commit.abort()
-        raise
-    return save.stats
+    stats, finish = start_distributed(
+        root,
+        path,
+        coordinator,
+        options=options,
+        storage_options=storage_options,
+        metadata=metadata,
+        save_plan=save_plan,
+    )
+    finish()
+    return stats

@@ -51,6 +51,7 @@ from zarrckpt.variable import Variable
 
 if TYPE_CHECKING:
     from zarrckpt.distributed import Coordinator
+    from zarrckpt.distributed._save import Stage
 
 __all__ = ["Checkpoint", "CheckpointLoadStatus", "InitializationOnlyStatus"]
 
@@ -163,9 +164,12 @@ class Checkpoint(AutoTrackable):
                 path, plan, options, storage_options, metadata, coordinator, on_commit
             )
         elif coordinator is not None:
-            written = self._write_distributed(
+            stats, finish = self._start_distributed(
                 path, coordinator, options, storage_options, metadata, plan
             )
+            finish()
+            object.__setattr__(self, "_zc_last_write_stats", stats)
+            written = os.fspath(path)
         else:
             assert plan is not None
             written = self._write_local(path, plan, options, storage_options, metadata)
@@ -220,17 +224,8 @@ class Checkpoint(AutoTrackable):
         start = time.perf_counter()
         where = os.fspath(path)
         if coordinator is not None:
-            from zarrckpt.distributed._save import start_distributed
-
-            stats, finish = start_distributed(
-                self,
-                path,
-                coordinator,
-                options=options,
-                storage_options=storage_options,
-                metadata=metadata,
-                save_plan=plan,
-                stage=saver.stage,
+            stats, finish = self._start_distributed(
+                path, coordinator, options, storage_options, metadata, plan, saver.stage
             )
         else:
             assert plan is not None
@@ -314,18 +309,20 @@ class Checkpoint(AutoTrackable):
             saver.wait()
             saver.pool.release()
 
-    def _write_distributed(
+    def _start_distributed(
         self,
         path: PathLike,
         coordinator: Coordinator,
         options: CheckpointOptions,
         storage_options: dict[str, Any] | None,
         metadata: dict[str, MetadataValue],
-        plan: SavePlan | None = None,
-    ) -> str:
-        from zarrckpt.distributed._save import write_distributed
+        plan: SavePlan | None,
+        stage: Stage | None = None,
+    ) -> tuple[array_io.IOStats, Callable[[], None]]:
+        """Plan, open and exchange with the other ranks; the rest of the save to run next."""
+        from zarrckpt.distributed._save import start_distributed
 
-        stats = write_distributed(
+        return start_distributed(
             self,
             path,
             coordinator,
@@ -333,9 +330,8 @@ class Checkpoint(AutoTrackable):
             storage_options=storage_options,
             metadata=metadata,
             save_plan=plan,
+            stage=stage,
         )
-        object.__setattr__(self, "_zc_last_write_stats", stats)
-        return os.fspath(path)
 
     @property
     def last_write_stats(self) -> array_io.IOStats | None:

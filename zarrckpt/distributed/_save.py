@@ -1,6 +1,7 @@
 """The distributed save protocol: plan, open, exchange, write, commit.
 
-Every rank runs :func:`write_distributed` with the same arguments:
+Every rank runs :func:`start_distributed` with the same arguments, then the
+function it returns:
 
 1. each rank plans its save; the plans are gathered and checked on every rank
    alike (:mod:`zarrckpt.distributed._plan`): a disagreement raises the same
@@ -65,7 +66,7 @@ from zarrckpt.errors import (
 from zarrckpt.options import CheckpointOptions
 from zarrckpt.trackable import Trackable
 
-__all__ = ["start_distributed", "write_distributed"]
+__all__ = ["Stage", "start_distributed"]
 
 Piece = tuple[str, tuple[int, ...], Box, np.ndarray[Any, Any]]  # key, chunk, box, values
 
@@ -513,30 +514,3 @@ def start_distributed(
 
     aborting(prepare)
     return save.stats, partial(aborting, partial(save.write, plan, storage, incoming))
-
-
-def write_distributed(
-    root: Trackable,
-    path: str | os.PathLike[str],
-    coordinator: Coordinator,
-    *,
-    options: CheckpointOptions,
-    storage_options: dict[str, Any] | None,
-    metadata: dict[str, MetadataValue],
-    save_plan: SavePlan | None = None,
-) -> IOStats:
-    """Save ``root`` at ``path`` together with the other ranks; return what this rank wrote.
-
-    ``save_plan``: this rank's plan, when the caller made it already.
-    """
-    stats, finish = start_distributed(
-        root,
-        path,
-        coordinator,
-        options=options,
-        storage_options=storage_options,
-        metadata=metadata,
-        save_plan=save_plan,
-    )
-    finish()
-    return stats

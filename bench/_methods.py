@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -106,37 +107,41 @@ def _row_bytes(spec: ArraySpec) -> int:
     return spec.nbytes // spec.shape[0]
 
 
-@register
-class Raw(Method):
-    """The floor: one file per array, write the buffer + fsync, readinto preallocated."""
+def _write_file(file: Path, array: np.ndarray) -> None:
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pwrite_all(fd, byte_view(array))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    name = "raw"
+
+def _read_file(file: Path, out: np.ndarray, offset: int = 0) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        pread_into(fd, byte_view(out), offset)
+    finally:
+        os.close(fd)
+
+
+@register
+class Raw1(Method):
+    """One thread, one file per array: pwrite the buffer + fsync, pread into preallocated."""
+
+    name = "raw1"
     partial = True
 
     def save(self, state: dict[str, np.ndarray], path: Path) -> None:
         for name, array in state.items():
-            fd = os.open(path / f"{name}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                pwrite_all(fd, byte_view(array))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_file(path / f"{name}.bin", array)
 
     def allocate(self, specs: list[ArraySpec]) -> dict[str, np.ndarray]:
         return {spec.name: touched_empty(spec) for spec in specs}
 
     def restore(self, path: Path, specs: list[ArraySpec], live: dict[str, np.ndarray]) -> Any:
         for spec in specs:
-            self._read(path / f"{spec.name}.bin", live[spec.name], 0)
+            _read_file(path / f"{spec.name}.bin", live[spec.name])
         return live
-
-    @staticmethod
-    def _read(file: Path, out: np.ndarray, offset: int) -> None:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            pread_into(fd, byte_view(out), offset)
-        finally:
-            os.close(fd)
 
     def locate(self, path: Path, spec: ArraySpec) -> Path:
         return path / f"{spec.name}.bin"
@@ -144,11 +149,33 @@ class Raw(Method):
     def read_part(self, where: Path, spec: ArraySpec, rows: Rows) -> np.ndarray:
         start, stop = rows if rows is not None else (0, spec.shape[0])
         out = np.empty((stop - start, *spec.shape[1:]), resolve_dtype(spec.dtype))
-        self._read(where, out, start * _row_bytes(spec))
+        _read_file(where, out, start * _row_bytes(spec))
         return out
 
     def files_touched(self, where: Path, spec: ArraySpec, rows: Rows) -> int:
         return 1
+
+
+@register
+class Raw8(Raw1):
+    """The reference: raw1's files, written and read by 8 threads, one task per array.
+
+    Partial reads are raw1's (one pread). ``list(pool.map(...))`` waits for every
+    task and re-raises the first error.
+    """
+
+    name = "raw8"
+    threads: ClassVar[int] = 8
+
+    def save(self, state: dict[str, np.ndarray], path: Path) -> None:
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(_write_file, [path / f"{n}.bin" for n in state], state.values()))
+
+    def restore(self, path: Path, specs: list[ArraySpec], live: dict[str, np.ndarray]) -> Any:
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(_read_file, [path / f"{s.name}.bin" for s in specs],
+                          [live[s.name] for s in specs]))
+        return live
 
 
 @register
@@ -386,6 +413,28 @@ class Zarrckpt(ZarrPartial):
 
     def files_touched(self, where: tuple[str, str], spec: ArraySpec, rows: Rows) -> int:
         return self._files_read  # counted by the read itself, not computed
+
+
+@register
+class ZarrckptBase(Zarrckpt):
+    """zarrckpt as another checkout has it, for before/after runs of one harness.
+
+    ``ZARRCKPT_BASE=/tmp/zc-old python3 bench/run.py --methods raw8,zarrckpt-base,zarrckpt``
+    with ``git archive <commit> --prefix=zc-old/ | tar -x -C /tmp``. Skipped without it.
+    """
+
+    name = "zarrckpt-base"
+
+    def setup(self) -> None:
+        import sys
+
+        base = os.environ.get("ZARRCKPT_BASE")
+        if not base or not Path(base, "zarrckpt").is_dir():
+            raise MethodUnavailable("set ZARRCKPT_BASE to a checkout of another zarrckpt")
+        sys.path.insert(0, base)
+        super().setup()
+        if not self.zc.__file__.startswith(str(Path(base).resolve())):
+            raise MethodUnavailable(f"zarrckpt was imported from {self.zc.__file__}, not {base}")
 
 
 def create(name: str) -> Method:

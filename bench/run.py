@@ -21,21 +21,25 @@ from _model import ArraySpec, MiB, digest, generate, parse_size, row_slice, tran
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 CHILD = BENCH / "_child.py"
-DEFAULT_METHODS = ["raw", "npy", "safetensors", "torch", "tensorstore", "zarr-default",
+DEFAULT_METHODS = ["raw1", "raw8", "npy", "safetensors", "torch", "tensorstore", "zarr-default",
                    "zarrckpt"]
+DEFAULT_SIZES = "2GiB"
 VARIABLE_TARGET = 64 * MiB
 TRACEBACK_LINES = 6  # printed per failure; the JSON keeps the whole traceback
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", default="2GiB", help="model size, e.g. 256MiB, 2GiB")
+    parser.add_argument("--sizes", help="comma list of model sizes, e.g. 0.5GiB,1GiB,2GiB,4GiB "
+                        f"(default {DEFAULT_SIZES})")
+    parser.add_argument("--size", help="one model size; the same as --sizes SIZE")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma list of {', '.join(REGISTRY)}")
     parser.add_argument("--dir", type=Path, help="where checkpoint files go "
                         "(default: a new bench/out/data-<timestamp>)")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds over all methods")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="interleaved rounds over all methods, per size")
     parser.add_argument("--seed", type=int, default=0, help="model generator seed")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child phase")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint files")
@@ -46,6 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown methods {unknown}; known: {', '.join(REGISTRY)}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.size is not None and (args.sizes is not None or "," in args.size):
+        parser.error("--size takes one size and cannot be combined with --sizes")
+    text = args.size or args.sizes or DEFAULT_SIZES
+    labels = dict.fromkeys("".join(t.split()) for t in text.split(",") if t.strip())
+    args.sizes = []  # (label, bytes), in the order given
+    for label in labels:
+        try:
+            args.sizes.append((label, parse_size(label)))
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not args.sizes or any(nbytes <= 0 for _, nbytes in args.sizes):
+        parser.error("--sizes needs at least one size, each above 0 bytes")
     return args
 
 
@@ -127,10 +143,15 @@ def data_root(args: argparse.Namespace, stamp: str) -> tuple[Path, bool]:
     return root, created
 
 
-def cleanup(root: Path, created: bool, methods: list[str]) -> None:
-    for name in methods:
-        _fs.remove_tree(root / name)
-    if created and not any(root.iterdir()):
+def cleanup(root: Path, created: bool, labels: list[str], methods: list[str]) -> None:
+    """Remove what this run wrote: each size's method directories, then the directories
+    it created if they are empty."""
+    for label in labels:
+        for name in methods:
+            _fs.remove_tree(root / label / name)
+        if (root / label).is_dir() and not any((root / label).iterdir()):
+            (root / label).rmdir()
+    if created and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
 
 
@@ -155,42 +176,79 @@ def print_tables(summaries: dict[str, dict[str, Any]], model_bytes: int) -> None
             print(f"  {name}: {problem}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    specs = transformer_specs(parse_size(args.size), args.dtype)
-    root, created = data_root(args, stamp)
+def print_sweep(data: dict[str, Any]) -> None:
+    headers, rows = _report.sweep_table(data)
+    print(f"\nSummary over sizes: median of the per-round ratios to {_report.REFERENCE}"
+          + (", and median seconds at the largest size over the smallest" if data["growth"]
+             else "") + ":\n")
+    print(_report.markdown(headers, rows))
+    if _report.REFERENCE not in data["methods"]:
+        print(f"({_report.REFERENCE} did not run: no ratios)")
+    line = _report.restore_rss_line(data)
+    if line:
+        print(f"\n{line}")
+
+
+def run_size(args: argparse.Namespace, root: Path, label: str, nbytes: int) -> dict[str, Any]:
+    """Every round of every method at one model size, in ``root / label``."""
+    specs = transformer_specs(nbytes, args.dtype)
     model = model_info(specs, args.dtype)
-    info: dict[str, Any] = {
-        "command": shlex.join(["python3", *sys.argv]),
-        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": _report.machine(root), "versions": _report.versions(), "model": model,
-        "partial_targets": {label: {"name": s.name, "bytes": s.nbytes, "shape": s.shape,
-                                    "rows": row_slice(s) if label == "slice" else None}
-                            for label, s in partial_targets(specs).items()},
+    size: dict[str, Any] = {
+        "label": label, "requested_bytes": nbytes, "model": model,
+        "partial_targets": {name: {"name": s.name, "bytes": s.nbytes, "shape": s.shape,
+                                   "rows": row_slice(s) if name == "slice" else None}
+                            for name, s in partial_targets(specs).items()},
     }
-    print("\n".join(_report.header_lines(info)), flush=True)
+    print(f"\n== size {label} ==")
+    print("\n".join(_report.model_lines(size)), flush=True)
     started = time.perf_counter()
     expected, parts = expectations(specs, args.seed)
     print(f"expected digests computed in {time.perf_counter() - started:.1f} s", flush=True)
-    common = {"root": str(root), "seed": args.seed, "dtype": args.dtype,
+    common = {"root": str(root / label), "seed": args.seed, "dtype": args.dtype,
               "specs": [s.to_json() for s in specs], "expected": expected, "parts": parts,
               "model_bytes": model["bytes"]}
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
-    try:
-        for repeat in range(args.repeat):
-            print(f"round {repeat + 1}/{args.repeat}", flush=True)
-            for name in args.methods:
-                records[name].append(run_method(name, common, args.timeout))
-    finally:
-        if not args.keep:
-            cleanup(root, created, args.methods)
-    summaries = {m: _report.summarize(recs, model["bytes"]) for m, recs in records.items()}
-    print_tables(summaries, model["bytes"])
+    for repeat in range(args.repeat):
+        print(f"size {label}, round {repeat + 1}/{args.repeat}", flush=True)
+        for name in args.methods:
+            records[name].append(run_method(name, common, args.timeout))
+    reference = records.get(_report.REFERENCE)
+    size["summary"] = {m: _report.summarize(recs, model["bytes"], reference)
+                       for m, recs in records.items()}
+    size["runs"] = records
+    return size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root, created = data_root(args, stamp)
+    labels = [label for label, _ in args.sizes]
+    info: dict[str, Any] = {
+        "command": shlex.join(["python3", *sys.argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": _report.machine(root), "versions": _report.versions(),
+        "size_labels": labels, "repeat": args.repeat, "methods": args.methods,
+        "reference": _report.REFERENCE,
+    }
+    print("\n".join(_report.header_lines(info)), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / f"results-{stamp}.json"
-    out.write_text(json.dumps({**info, "summary": summaries, "runs": records}, indent=1,
-                              default=str))
+    done: list[dict[str, Any]] = []
+    try:
+        for label, nbytes in args.sizes:
+            size = run_size(args, root, label, nbytes)
+            if not args.keep:
+                cleanup(root, False, [label], args.methods)
+            done.append(size)
+            print_tables(size["summary"], size["model"]["bytes"])
+            # written after every size, so a long sweep keeps what it finished
+            out.write_text(json.dumps({**info, "sizes": done, "sweep": _report.sweep(done)},
+                                      indent=1, default=str))
+    finally:
+        if not args.keep:
+            cleanup(root, created, labels, args.methods)
+    print_sweep(_report.sweep(done))
     print(f"\nresults: {out}" + (f"\nfiles kept in {root}" if args.keep else ""))
     return 0
 

@@ -318,12 +318,8 @@ def _storage(tmp_path, name: str = "store") -> LocalStorage:
 
 
 def _chunk_files(root, key: str) -> list[str]:
-    base = os.path.join(root, key, "c")
-    found = []
-    for directory, _, files in os.walk(base):
-        for file in files:
-            found.append(os.path.relpath(os.path.join(directory, file), base))
-    return sorted(found)
+    """The chunk files of array ``key`` (format 2: ``c.<i>.<j>`` beside its zarr.json)."""
+    return sorted(name[2:] for name in os.listdir(os.path.join(root, key)) if name.startswith("c."))
 
 
 MANY_CHUNKS = {
@@ -354,13 +350,13 @@ def test_many_chunks_round_trip(tmp_path, threads):
         names = _chunk_files(storage.root, key)
         assert len(names) == math.prod(layout.grid)
         for coords, _ in layout.chunks():
-            rel = "/".join(map(str, coords))
+            rel = ".".join(map(str, coords))
             assert rel in names
-            path = os.path.join(storage.root, key, "c", rel)
+            path = os.path.join(storage.root, key, f"c.{rel}")
             data = Path(path).read_bytes()
             assert len(data) == layout.chunk_nbytes + 4
             assert int.from_bytes(data[-4:], "little") == crc32c.crc32c(data[:-4])
-            record = by_key[f"{key}/c/{rel}"]
+            record = by_key[f"{key}/c.{rel}"]
             # The manifest holds the chunk's own CRC: a whole chunk file's CRC32C
             # is the same constant for every chunk (the residue).
             assert (record.size, record.crc32c) == (len(data), crc32c.crc32c(data[:-4]))
@@ -386,7 +382,7 @@ def test_chunk_file_holds_little_endian_rows_zero_padding_and_crc(tmp_path):
     )  # 4 rows per chunk
     layout = array_io.read_layout(storage, "x")
     assert layout.chunk_shape == (4, 3) and layout.grid == (3, 1)
-    edge = Path(os.path.join(storage.root, "x", "c", "2", "0")).read_bytes()
+    edge = Path(os.path.join(storage.root, "x", "c.2.0")).read_bytes()
     expected = value[8:10].astype("<i4").tobytes() + bytes(2 * 3 * 4)
     assert edge[:-4] == expected
     assert edge[-4:] == crc32c.crc32c(expected).to_bytes(4, "little")
@@ -401,10 +397,10 @@ def test_all_zero_array_has_every_chunk_file(tmp_path):
     layout = array_io.read_layout(storage, "z")
     assert layout.grid == (25, 1)
     names = _chunk_files(storage.root, "z")
-    assert names == sorted(f"{i}/0" for i in range(25))
+    assert names == sorted(f"{i}.0" for i in range(25))
     empty_chunk = bytes(32)
     for name in names:
-        data = Path(os.path.join(storage.root, "z", "c", name)).read_bytes()
+        data = Path(os.path.join(storage.root, "z", f"c.{name}")).read_bytes()
         assert data == empty_chunk + crc32c.crc32c(empty_chunk).to_bytes(4, "little")
     scalar_chunk = os.path.join(storage.root, "s", "c")  # a 0-d array's one chunk key
     assert Path(scalar_chunk).read_bytes() == bytes(8) + crc32c.crc32c(bytes(8)).to_bytes(
@@ -416,7 +412,7 @@ def test_all_zero_variable_chunk_is_written_by_checkpoint(tmp_path):
     holder = Holder({"zeros": np.zeros((64, 8), np.float32), "scalar": np.zeros((), np.int8)})
     path = zc.Checkpoint(h=holder).write(tmp_path / "ckpt")
     key = "h/zeros/.ATTRIBUTES/VARIABLE_VALUE"
-    chunk = os.path.join(path, key, "c", "0", "0")
+    chunk = os.path.join(path, key, "c.0.0")
     assert os.path.getsize(chunk) == 64 * 8 * 4 + 4
     scalar_chunk = os.path.join(path, "h/scalar/.ATTRIBUTES/VARIABLE_VALUE", "c")
     assert os.path.isfile(scalar_chunk) and os.path.getsize(scalar_chunk) == 1 + 4
@@ -442,13 +438,13 @@ MATRIX_KEY = "h/matrix/.ATTRIBUTES/VARIABLE_VALUE"
 
 def test_missing_chunk_raises_missing_chunk_error_naming_key_and_chunk(tmp_path):
     path, values = _saved_model(tmp_path)
-    os.remove(os.path.join(path, MATRIX_KEY, "c", "0", "0"))
+    os.remove(os.path.join(path, MATRIX_KEY, "c.0.0"))
     fresh = Holder({n: np.zeros_like(v) for n, v in values.items()})
     with pytest.raises(MissingChunkError) as info:
         zc.Checkpoint(h=fresh).restore(path)
     message = str(info.value)
     assert MATRIX_KEY in message
-    assert "(0, 0)" in message and "c/0/0" in message
+    assert "(0, 0)" in message and "c.0.0" in message
 
 
 def test_missing_chunk_among_many(tmp_path):
@@ -457,7 +453,7 @@ def test_missing_chunk_among_many(tmp_path):
     files = array_io.write_arrays(
         storage, [("k/.ATTRIBUTES/v", value)], CheckpointOptions(chunk_bytes=48)
     )
-    os.remove(os.path.join(storage.root, "k/.ATTRIBUTES/v", "c", "7", "0"))
+    os.remove(os.path.join(storage.root, "k/.ATTRIBUTES/v", "c.7.0"))
     layout = array_io.read_layout(storage, "k/.ATTRIBUTES/v")
     with pytest.raises(MissingChunkError) as info:
         array_io.read_arrays(
@@ -477,7 +473,7 @@ def test_missing_array_metadata_raises_missing_chunk_error(tmp_path):
 @pytest.mark.parametrize("position", [0, 100, 16 * 4 * 4 - 1, -4, -1])
 def test_flipped_byte_raises_checksum_error_naming_key_and_chunk(tmp_path, position):
     path, values = _saved_model(tmp_path)
-    chunk = os.path.join(path, MATRIX_KEY, "c", "0", "0")
+    chunk = os.path.join(path, MATRIX_KEY, "c.0.0")
     data = bytearray(Path(chunk).read_bytes())
     data[position] ^= 0x10
     Path(chunk).write_bytes(bytes(data))
@@ -485,14 +481,14 @@ def test_flipped_byte_raises_checksum_error_naming_key_and_chunk(tmp_path, posit
     with pytest.raises(ChecksumError) as info:
         zc.Checkpoint(h=fresh).restore(path)
     message = str(info.value)
-    assert MATRIX_KEY in message and "(0, 0)" in message and "c/0/0" in message
+    assert MATRIX_KEY in message and "(0, 0)" in message and "c.0.0" in message
 
 
 def test_flipped_byte_in_edge_chunk_padding_raises_checksum_error(tmp_path):
     storage = _storage(tmp_path)
     value = random_array("int32", (10, 3), seed=6)
     files = array_io.write_arrays(storage, [("p", value)], CheckpointOptions(chunk_bytes=48))
-    chunk = os.path.join(storage.root, "p", "c", "2", "0")
+    chunk = os.path.join(storage.root, "p", "c.2.0")
     data = bytearray(Path(chunk).read_bytes())
     data[-5] ^= 0x01  # last padding byte: rows 10 and 11 do not exist
     Path(chunk).write_bytes(bytes(data))
@@ -504,7 +500,7 @@ def test_flipped_byte_in_edge_chunk_padding_raises_checksum_error(tmp_path):
 @pytest.mark.parametrize("change", ["empty", "minus-1", "minus-crc", "plus-1", "plus-1000"])
 def test_truncated_or_extended_chunk_raises_corrupt_checkpoint_error(tmp_path, change):
     path, values = _saved_model(tmp_path)
-    chunk = os.path.join(path, MATRIX_KEY, "c", "0", "0")
+    chunk = os.path.join(path, MATRIX_KEY, "c.0.0")
     data = Path(chunk).read_bytes()
     changed = {
         "empty": b"",

@@ -95,13 +95,13 @@ def test_verify_ok_and_corrupt(saved, capsys):
     directory, _ = saved
     code, out, _ = run_cli(capsys, "verify", str(directory / "ckpt-2"))
     assert code == 0 and "OK" in out
-    chunk = directory / "ckpt-2" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0"
+    chunk = directory / "ckpt-2" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c.0.0"
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0xFF
     chunk.write_bytes(bytes(data))
     code, _, err = run_cli(capsys, "verify", str(directory / "ckpt-2"))
     assert code == 4
-    assert "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0" in err
+    assert "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c.0.0" in err
 
 
 def test_missing_and_uncommitted_paths_exit_3(saved, capsys, tmp_path):
@@ -196,7 +196,7 @@ def test_cp_local_to_local_is_verified_and_committed(saved, capsys, tmp_path):
 
 def test_cp_refuses_a_damaged_source(saved, capsys, tmp_path):
     directory, _ = saved
-    chunk = directory / "ckpt-1" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c/0/0"
+    chunk = directory / "ckpt-1" / "model/embedding/.ATTRIBUTES/VARIABLE_VALUE/c.0.0"
     chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")
     code, _, err = run_cli(capsys, "cp", str(directory / "ckpt-1"), str(tmp_path / "copy"))
     assert (

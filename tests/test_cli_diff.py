@@ -41,9 +41,9 @@ def _truncate(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "truncated chunk": (f"{W}/c/2/0", _truncate),
-    "flipped chunk": (f"{W}/c/1/0", _flip),
-    "missing chunk": (f"{W}/c/3/0", os.remove),
+    "truncated chunk": (f"{W}/c.2.0", _truncate),
+    "flipped chunk": (f"{W}/c.1.0", _flip),
+    "missing chunk": (f"{W}/c.3.0", os.remove),
     "broken zarr.json": (f"{W}/zarr.json", _flip),
 }
 

@@ -68,7 +68,7 @@ def test_ls_of_an_uncommitted_s3_prefix_shows_its_size(capsys, s3_url, s3_storag
 
     fs, _ = fsspec.core.url_to_fs(s3_url, **s3_storage_options)
     attempt = f"attempt-{'a' * 32}"
-    fs.pipe_file(f"{s3_url}/run/ckpt-3/{attempt}/model/c/0", b"y" * 5000)
+    fs.pipe_file(f"{s3_url}/run/ckpt-3/{attempt}/model/c.0", b"y" * 5000)
     options = json.dumps(s3_storage_options)
     code, out, _ = run_cli(capsys, "ls", f"{s3_url}/run", "--storage-options", options)
     assert code == 0
@@ -190,14 +190,14 @@ def test_verify_json(run_dir, capsys):
 
 
 def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(run_dir, capsys):
-    chunk = run_dir / "ckpt-1" / EMBEDDING / "c" / "0" / "0"
+    chunk = run_dir / "ckpt-1" / EMBEDDING / "c.0.0"
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0x10
     chunk.write_bytes(bytes(data))
     code, out, err = run_cli(capsys, "verify", "--json", str(run_dir / "ckpt-1"))
     assert (code, out) == (4, "")
     assert len(err.splitlines()) == 1 and err.startswith("zarrckpt: error: ")
-    assert f"{EMBEDDING}/c/0/0" in err
+    assert f"{EMBEDDING}/c.0.0" in err
     for command in ("show", "ls"):
         code, out, err = run_cli(capsys, command, "--json", str(run_dir / "nowhere"))
         assert (code, out) == (3, ""), command

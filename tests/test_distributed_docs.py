@@ -97,9 +97,9 @@ def check_plain(path: str, step: int) -> dict[str, zc.Variable]:
 
 
 def chunk_files(path: str, name: str) -> list[str]:
-    """The chunk files of ``model/<name>`` in a local checkpoint."""
-    chunks = Path(path) / "model" / name / ".ATTRIBUTES" / "VARIABLE_VALUE" / "c"
-    return sorted(str(p.relative_to(chunks)) for p in chunks.rglob("*") if p.is_file())
+    """The chunk files of ``model/<name>`` in a local checkpoint: ``c.<i>.<j>``, by name."""
+    array = Path(path) / "model" / name / ".ATTRIBUTES" / "VARIABLE_VALUE"
+    return sorted(p.name for p in array.glob("c.*") if p.is_file())
 
 
 def doc_quotes(text: str, out: str, directory: Path, shown: str) -> None:
@@ -153,8 +153,8 @@ def test_torch_example_continues_from_its_checkpoint_and_restores_on_two_ranks(t
         check_plain(str(directory / f"ckpt-{number}"), number)
     # Three ranks wrote the kernel in one chunk a block; the embedding (4, 3, 3 rows)
     # in the single-process grid, with rows sent to rank 0.
-    assert chunk_files(str(directory / "ckpt-5"), "kernel") == ["0/0", "1/0", "2/0"]
-    assert chunk_files(str(directory / "ckpt-5"), "embedding") == ["0/0"]
+    assert chunk_files(str(directory / "ckpt-5"), "kernel") == ["c.0.0", "c.1.0", "c.2.0"]
+    assert chunk_files(str(directory / "ckpt-5"), "embedding") == ["c.0.0"]
     rows = zc.load_variable(directory / "ckpt-5", "model/embedding", index=slice(3, 8))
     np.testing.assert_array_equal(rows, expected(5)["embedding"][3:8])
 
@@ -183,8 +183,8 @@ def test_mpi_example_continues_restores_on_one_rank_and_trains_on_two(tmp_path):
     assert result(two)["step"] == 6
     assert result(two)["checkpoints"] == [str(directory / f"ckpt-{n}") for n in (4, 5, 6)]
     check_plain(str(directory / "ckpt-6"), 6)
-    assert chunk_files(str(directory / "ckpt-6"), "kernel") == ["0/0", "1/0"]  # rows of 6
-    assert chunk_files(str(directory / "ckpt-6"), "embedding") == ["0/0", "1/0"]  # rows of 5
+    assert chunk_files(str(directory / "ckpt-6"), "kernel") == ["c.0.0", "c.1.0"]  # rows of 6
+    assert chunk_files(str(directory / "ckpt-6"), "embedding") == ["c.0.0", "c.1.0"]  # rows of 5
 
 
 # What docs/distributed.md quotes ---------------------------------------------------------------

@@ -324,7 +324,7 @@ def test_three_ranks_restore_row_sharded_from_four_ranks_and_from_one_process(
     results = check_restored(run, "from4", version=0, layout="rows")
 
     # Each rank reads the chunks overlapping its rows only: well under all of them.
-    chunks = sum(size for key, size in files_of(four / "mixed").items() if "/c/" in key)
+    chunks = sum(size for key, size in files_of(four / "mixed").items() if "/c." in key)
     read = [r["nbytes"] for r in results]
     assert sum(read) >= chunks
     assert max(read) < 0.6 * chunks, (read, chunks)
@@ -433,7 +433,7 @@ def test_replicated_values_are_written_by_one_rank_and_stats_add_up(three_ranks)
     # Each replicated value: all its chunks by one rank; the values spread over ranks.
     writers = {}
     for name in ("big", "ints", "small", "table"):
-        prefix = f"model/{name}/.ATTRIBUTES/VARIABLE_VALUE/c/"
+        prefix = f"model/{name}/.ATTRIBUTES/VARIABLE_VALUE/c."
         chunks = [k for k in files if k.startswith(prefix)]
         assert chunks, name
         by = {rank for rank, keys in enumerate(written) for k in chunks if k in keys}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ import zarr
 
 import zarrckpt as zc
 from tests.conftest import manifest_entries, reseal_manifest, traced_peak
-from zarrckpt import array_io
+from zarrckpt import _storage, array_io
 from zarrckpt._storage import LocalStorage
 from zarrckpt.array_io import ByteBudget
 from zarrckpt.errors import ChecksumError, CorruptCheckpointError
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized:U
 
 
 def _chunk_files(path: Path, key: str) -> list[Path]:
-    return sorted(p for p in (path / key / "c").rglob("*") if p.is_file())
+    """The chunk files of the array at ``key``: ``c.<i>.<j>`` beside its zarr.json."""
+    return sorted(p for p in (path / key).glob("c.*") if p.is_file())
 
 
 # ByteBudget ----------------------------------------------------------------------
@@ -345,7 +347,7 @@ def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     model = zc.AutoTrackable()
-    model.cube = zc.Variable(np.ones((4, 3, 2), np.float32))  # chunk files c/0/0/0: deep dirs
+    model.cube = zc.Variable(np.ones((4, 3, 2), np.float32))  # chunk files c.0.0.0 to c.3.0.0
     model.flat = zc.Variable(np.arange(5, dtype=np.int64))
     path = zc.Checkpoint(model=model).write(
         tmp_path / "new" / "parents" / "ckpt-1", options=zc.CheckpointOptions(chunk_bytes=24)
@@ -363,4 +365,61 @@ def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypat
     assert everything - durable == set()
     # The new parents' entries too: each parent directory was fsynced after the rename.
     assert {str(final.parent), str(tmp_path / "new"), str(tmp_path)} <= durable
-    assert len(list((final / "model/cube/.ATTRIBUTES/VARIABLE_VALUE/c").rglob("*"))) > 4
+    # The cube's chunk files were among the files checked: there are 4 of them.
+    cube = _chunk_files(final, "model/cube/.ATTRIBUTES/VARIABLE_VALUE")
+    assert [p.name for p in cube] == [f"c.{i}.0.0" for i in range(4)]
+
+
+def _many_values(count: int) -> zc.AutoTrackable:
+    model = zc.AutoTrackable()
+    model.values = zc.Dict(
+        {f"v{i}": zc.Variable(np.full((3, 2), i, np.float32)) for i in range(count)}
+    )
+    model.big = zc.Variable(np.arange(1 << 19, dtype=np.float32))  # 2 MiB: fsynced eagerly
+    return model
+
+
+def test_a_save_of_many_small_files_makes_them_durable_with_one_syncfs(tmp_path, monkeypatch):
+    """Chunks of 1 MiB or more are fsynced as written; the rest by one syncfs on the root."""
+    synced: list[str] = []
+    synced_fs: list[str] = []
+    real_fsync, real_syncfs = os.fsync, _storage._syncfs
+    assert real_syncfs is not None  # Linux
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def recording_syncfs(fd: int) -> int:
+        synced_fs.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return int(real_syncfs(fd))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(_storage, "_syncfs", recording_syncfs)
+    path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))
+    assert len(synced_fs) == 1 and ".ckpt-1.zarrckpt-tmp-" in synced_fs[0]  # the temp directory
+    big = "model/big/.ATTRIBUTES/VARIABLE_VALUE"
+    # the 2 MiB chunk by its writer, under the temporary name; then the parent after the rename
+    assert [Path(n).name for n in synced if Path(n).parent.name == "VARIABLE_VALUE"] == ["c.0"]
+    assert str(tmp_path) in synced
+    assert (path / big / "c.0").stat().st_size == (1 << 21) + 4
+    assert zc.verify(str(path)).arrays == 21
+
+
+def test_a_failed_syncfs_commits_nothing(tmp_path, monkeypatch):
+    def failing_syncfs(fd: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(_storage, "_syncfs", failing_syncfs)
+    with pytest.raises(OSError, match="syncfs") as info:
+        zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1")
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary directory
+
+
+def test_few_small_files_are_fsynced_one_by_one(tmp_path, monkeypatch):
+    called: list[int] = []
+    monkeypatch.setattr(_storage, "_syncfs", lambda fd: called.append(fd) or 0)
+    zc.Checkpoint(v=zc.Variable(np.ones(3, np.float32))).write(tmp_path / "ckpt-1")
+    assert called == []

@@ -19,6 +19,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -28,6 +29,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 import zarrckpt as zc
 from tests.conftest import Adam, Model, model_variables
 from tests.faulty_fs import FaultPlan, FaultyFileSystem, InjectedFault
+from zarrckpt import _storage
 from zarrckpt.errors import CheckpointNotFoundError, ZarrckptError
 from zarrckpt.options import CheckpointOptions
 
@@ -405,7 +407,11 @@ def test_failed_background_delete_does_not_lose_the_next_save(faulty):
 
 
 class _OsFaults:
-    """Fails the Nth call of an os function (writev, rename, unlink, fsync, replace) with EIO."""
+    """Fails the Nth call of an os function (writev, rename, unlink, fsync, replace) with EIO.
+
+    Also libc's syncfs, which a local save calls once to make its small files
+    and directories durable.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.monkeypatch = monkeypatch
@@ -414,9 +420,11 @@ class _OsFaults:
         self.fail: dict[str, int] = {}
         for name in ("writev", "rename", "unlink", "fsync", "replace"):
             self._wrap(name)
+        self._wrap("syncfs", _storage)
 
-    def _wrap(self, name: str) -> None:
-        real = getattr(os, name)
+    def _wrap(self, name: str, module: Any = os) -> None:
+        attribute = "_syncfs" if module is _storage else name
+        real = getattr(module, attribute)
 
         def wrapper(*args, **kwargs):
             with self.lock:
@@ -426,7 +434,7 @@ class _OsFaults:
                 raise InjectedFault(errno.EIO, f"injected fault: os.{name}", str(args[0]))
             return real(*args, **kwargs)
 
-        self.monkeypatch.setattr(os, name, wrapper)
+        self.monkeypatch.setattr(module, attribute, wrapper)
 
     def reset(self, **fail: int) -> None:
         with self.lock:
@@ -434,10 +442,12 @@ class _OsFaults:
             self.fail = dict(fail)
 
 
-@pytest.mark.parametrize("call", ["writev", "rename", "fsync"])
+@pytest.mark.parametrize("call", ["writev", "rename", "fsync", "syncfs"])
 def test_local_save_with_each_failing_os_call(tmp_path, monkeypatch, call):
     base = str(tmp_path / "run")
-    options = CheckpointOptions() if call == "fsync" else NO_FSYNC
+    options = CheckpointOptions() if call in ("fsync", "syncfs") else NO_FSYNC
+    if call == "fsync":  # every file and directory fsynced one by one, not by one syncfs
+        monkeypatch.setattr(_storage.LocalStorage, "SYNCFS_FROM", 1 << 30)
     model = Model(seed=8)
     ckpt = zc.Checkpoint(model=model)
     committed = {ckpt.save(f"{base}/ckpt", options=options): _state(model)}
@@ -446,7 +456,8 @@ def test_local_save_with_each_failing_os_call(tmp_path, monkeypatch, call):
     model.embedding.assign(np.full(model.embedding.shape, -1, np.float32))
     committed[ckpt.save(f"{base}/ckpt", options=options)] = _state(model)
     total = faults.counts.get(call, 0)
-    assert total >= (20 if call == "fsync" else 1)  # every file and directory
+    # fsync: every file and directory; syncfs: once for all of them (more than 32)
+    assert total == 1 if call == "syncfs" else total >= (20 if call == "fsync" else 1)
     for n in range(1, total + 1):
         model.embedding.assign(np.full(model.embedding.shape, n, np.float32))
         faults.reset(**{call: n})

@@ -1485,8 +1485,8 @@ TARGETS = {
     "_COMMIT": COMMIT,
     "record": RECORD,
     "zarr.json": f"{RAW}/zarr.json",
-    "raw chunk": f"{RAW}/c/0",
-    "zstd chunk": f"{ZSTD}/c/0/0",
+    "raw chunk": f"{RAW}/c.0",
+    "zstd chunk": f"{ZSTD}/c.0.0",
 }
 
 

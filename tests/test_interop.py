@@ -100,7 +100,7 @@ def test_plain_zarr_reads_every_array_of_a_checkpoint(tmp_path):
     assert arrays["bag/scalar_bf16/.ATTRIBUTES/VARIABLE_VALUE"].dtype.name == "bfloat16"
     assert arrays["save_counter/.ATTRIBUTES/VARIABLE_VALUE"][()] == 1
     group = zarr.open_group(str(path), mode="r")
-    assert group.attrs["zarrckpt"]["format"] == 1
+    assert group.attrs["zarrckpt"]["format"] == 2
 
 
 def test_array_metadata_and_chunks_are_what_zarr_writes(tmp_path):
@@ -124,23 +124,30 @@ def test_array_metadata_and_chunks_are_what_zarr_writes(tmp_path):
             serializer=BytesCodec(endian="little"),
             compressors=[Crc32cCodec()],
             fill_value=0,
+            chunk_key_encoding=DOT_SEPARATED,
             config={"write_empty_chunks": True},
         )
         reference[...] = value
         assert json.loads((reference_root / str(index) / "zarr.json").read_text()) == meta, key
-        assert _files(array_dir, "c") == _files(str(reference_root / str(index)), "c"), key
+        theirs = _chunk_files(str(reference_root / str(index)))
+        assert _chunk_files(array_dir) == theirs, key
+        grid = [math.ceil(s / c) for s, c in zip(value.shape, chunks, strict=True)]
+        assert len(theirs) == math.prod(grid), key
 
 
-def _files(root: str, under: str) -> dict[str, bytes]:
-    """Every file below ``root/under`` by relative path, with its bytes."""
+# Format 2 chunk keys: zarr's default encoding with the "." separator (c.0.1).
+DOT_SEPARATED = {"name": "default", "separator": "."}
+
+
+def _chunk_files(array_dir: str) -> dict[str, bytes]:
+    """The chunk files of an array (``c`` or ``c.<i>.<j>``, beside its zarr.json), by name."""
     found = {}
-    base = os.path.join(root, under)
-    if os.path.isfile(base):
-        return {under: Path(base).read_bytes()}
-    for directory, _, names in os.walk(base):
-        for name in names:
-            full = os.path.join(directory, name)
-            found[os.path.relpath(full, root)] = Path(full).read_bytes()
+    for name in os.listdir(array_dir):
+        full = os.path.join(array_dir, name)
+        if name == "c" or name.startswith("c."):
+            found[name] = Path(full).read_bytes()
+        else:
+            assert name == "zarr.json", full  # nothing else: no c/ directories
     return found
 
 
@@ -172,11 +179,12 @@ def test_multi_chunk_files_match_zarr_byte_for_byte(tmp_path, dtype_name, shape)
         serializer=BytesCodec(endian="little"),
         compressors=[Crc32cCodec()],
         fill_value=0,
+        chunk_key_encoding=DOT_SEPARATED,
         config={"write_empty_chunks": True},
     )
     reference[...] = value
-    ours = _files(os.path.join(storage.root, "v"), "c")
-    theirs = _files(str(tmp_path / "zarr"), "c")
+    ours = _chunk_files(os.path.join(storage.root, "v"))
+    theirs = _chunk_files(str(tmp_path / "zarr"))
     assert len(ours) == math.prod(layout.grid)
     assert ours == theirs
     # zarr reads ours, and we read theirs.

@@ -354,7 +354,7 @@ def _old_file(directory: Path, name: str) -> str:
 
 
 def _local_leftovers(directory: Path) -> dict[str, list[str]]:
-    chunk = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c/0"
+    chunk = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c.0"
     return {
         "stale": [
             _leftover(
@@ -436,7 +436,7 @@ def test_a_manager_removes_stale_attempts_on_s3(s3_url, s3_storage_options, capl
     path = zc.CheckpointManager(ckpt, directory, storage_options=so).save()
     before = _snapshot(path, so)
     fs, root = _fs(directory, so)
-    chunk = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c/0"
+    chunk = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c.0"
     dead = f"{root}/ckpt-7/attempt-{uuid.uuid4().hex}"  # a writer that died
     fs.pipe_file(f"{dead}/{chunk}", bytes(MiB))
     fs.pipe_file(f"{dead}/zarr.json", b"{}")
@@ -514,7 +514,7 @@ def test_a_save_whose_chunk_vanishes_before_commit_fails_and_commits_nothing(bac
     manager = zc.CheckpointManager(ckpt, directory, max_to_keep=None, storage_options=so)
     count = _files_of_one_save(manager)
     first = _join(directory, "ckpt-1")
-    victim = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c/2"
+    victim = "model/w/.ATTRIBUTES/VARIABLE_VALUE/c.2"
 
     def gc_runs() -> None:  # what `zarrckpt gc` does to a save paused too long
         fs, _ = _fs(directory, so)

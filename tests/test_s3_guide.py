@@ -219,11 +219,11 @@ def test_gc_removes_dead_attempts_and_uploads_never_the_checkpoint(s3_url, s3_st
     fs, _ = fsspec.core.url_to_fs(s3_url, **so)
     committed = open_committed(path, so).manifest.attempt
     dead = f"{path}/attempt-{'0' * 32}"  # a writer killed mid-save
-    fs.pipe_file(f"{dead}/model/w/.ATTRIBUTES/VARIABLE_VALUE/c/0/0", b"x" * 52)
+    fs.pipe_file(f"{dead}/model/w/.ATTRIBUTES/VARIABLE_VALUE/c.0.0", b"x" * 52)
     assert zc.gc(f"{s3_url}/run", storage_options=so) == []  # younger than an hour
     # A dead writer's unfinished multipart upload (moto lists every upload as
     # started in 2010, so only the removal can be tested here, not the age).
-    key = f"run/ckpt-2/attempt-{'1' * 32}/model/w/.ATTRIBUTES/VARIABLE_VALUE/c/0/0"
+    key = f"run/ckpt-2/attempt-{'1' * 32}/model/w/.ATTRIBUTES/VARIABLE_VALUE/c.0.0"
     upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
 
     removed = zc.gc(f"{s3_url}/run", older_than=0, storage_options=so)

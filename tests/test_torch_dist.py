@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,9 +168,9 @@ def chunks_of(checkpoint: Path, key: str) -> list[tuple[tuple[tuple[int, int], .
     """Each chunk file of value ``key``: its box ((start, stop) per axis) and its size."""
     array = zarr.open_array(str(checkpoint / key), mode="r")
     found = []
-    for path in (checkpoint / key / "c").rglob("*"):
+    for path in (checkpoint / key).glob("c.*"):  # c.<i>.<j>, beside the value's zarr.json
         if path.is_file():
-            coords = [int(part) for part in path.relative_to(checkpoint / key / "c").parts]
+            coords = [int(part) for part in path.name.split(".")[1:]]
             box = tuple(
                 (c * n, min(size, (c + 1) * n))
                 for c, n, size in zip(coords, array.chunks, array.shape, strict=True)
@@ -336,7 +337,8 @@ def check_dtensor_restore(
 
 
 def all_chunk_bytes(checkpoint: Path) -> int:
-    return sum(size for key, size in files_of(checkpoint).items() if "/c/" in key)
+    """Bytes of every chunk file (``<key>/c.<i>.<j>``) of a local checkpoint."""
+    return sum(size for key, size in files_of(checkpoint).items() if re.search(r"/c(\.\d+)+$", key))
 
 
 def test_three_ranks_restore_shard0_checkpoint_into_shard1_dtensors(two, three, base):
@@ -394,7 +396,7 @@ def test_two_dimensional_mesh_writes_every_element_once_and_one_process_restores
         want = expected(name, W.MVALUES, 2)
         stored = zarr.open_array(str(checkpoint / key), mode="r")[...]
         assert np.array_equal(stored.view(want.dtype), want), name
-        chunk_files = {k for k in files if k.startswith(f"{key}/c/")}
+        chunk_files = {k for k in files if k.startswith(f"{key}/c.")}
         writers = {r for r, keys in enumerate(written) if chunk_files & keys}
         if placements == ("S0", "R"):  # the replicas (mesh column 1: ranks 1 and 3) wrote nothing
             assert writers == {0, 2}, (name, writers)

@@ -23,6 +23,11 @@ def _saved(tmp_path: Path) -> Path:
     return Path(zc.Checkpoint(model=model).write(tmp_path / "c", options=options))
 
 
+def _chunk(path: Path, row: int) -> Path:
+    """Chunk (row, 0) of w, of 4 chunks of 16 rows: ``<key>/c.<row>.0`` beside its zarr.json."""
+    return path / KEY / f"c.{row}.0"
+
+
 def test_verify_passes_and_reports(tmp_path):
     path = _saved(tmp_path)
     seen: list[int] = []
@@ -36,18 +41,18 @@ def test_verify_passes_and_reports(tmp_path):
 
 def test_flipped_byte_is_named(tmp_path):
     path = _saved(tmp_path)
-    chunk = path / KEY / "c" / "3" / "0"
+    chunk = _chunk(path, 3)
     data = bytearray(chunk.read_bytes())
     data[10] ^= 1
     chunk.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match=r"model/w/.ATTRIBUTES/VARIABLE_VALUE/c/3/0"):
+    with pytest.raises(ChecksumError, match=r"model/w/\.ATTRIBUTES/VARIABLE_VALUE/c\.3\.0"):
         zc.verify(path)
 
 
 def test_missing_chunk_is_named(tmp_path):
     path = _saved(tmp_path)
-    os.remove(path / KEY / "c" / "1" / "0")
-    with pytest.raises(MissingChunkError, match=r"c/1/0.*missing"):
+    os.remove(_chunk(path, 1))
+    with pytest.raises(MissingChunkError, match=r"c\.1\.0.*missing"):
         zc.verify(path)
 
 
@@ -63,7 +68,7 @@ def test_chunk_missing_from_manifest_and_disk_is_found_by_the_chunk_count(tmp_pa
     path = _saved(tmp_path)
     # Rewrite the manifest without one chunk and delete that chunk: the
     # manifest is self-consistent, but zarr.json's grid needs one chunk more.
-    gone = f"{KEY}/c/2/0"
+    gone = f"{KEY}/c.2.0"
     reseal_manifest(path, drop={gone})
     os.remove(path / gone)
     with pytest.raises(
@@ -82,9 +87,8 @@ def test_a_valid_chunk_swapped_in_from_elsewhere_is_caught(tmp_path):
     # Both chunks carry correct CRCs of their own; only the manifest can tell
     # that chunk 1 now holds chunk 0's values.
     path = _saved(tmp_path)
-    chunks = path / KEY / "c"
-    (chunks / "1" / "0").write_bytes((chunks / "0" / "0").read_bytes())
-    with pytest.raises(ChecksumError, match=r"c/1/0: chunk \(1, 0\) .* not the chunk the commit"):
+    _chunk(path, 1).write_bytes(_chunk(path, 0).read_bytes())
+    with pytest.raises(ChecksumError, match=r"c\.1\.0: chunk \(1, 0\) .* not the chunk the commit"):
         zc.verify(path)
 
 

@@ -58,7 +58,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'zarrckpt' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Names of TensorFlow's tf.contrib.checkpoint module, kept as aliases.
 CheckpointableBase = Trackable

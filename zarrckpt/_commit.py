@@ -32,7 +32,8 @@ import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,10 @@ __all__ = [
     "open_committed",
 ]
 
-FORMAT = 1
+# Format 2 (zarrckpt 0.2) differs from format 1 only in the arrays' chunk keys
+# ("c.0.1" rather than "c/0/1", declared in every zarr.json); both are read.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 COMMIT_KEY = "_COMMIT"
 RECORD_KEY = "object_graph.msgpack"
 TEMP_MARKER = ".zarrckpt-tmp-"
@@ -104,7 +108,7 @@ _MAX_FILES = 1 << 20  # 32 TiB in chunks of 32 MiB
 _MANIFEST_FIELDS = frozenset(
     {"format_name", "format", "attempt", "created", "record_sha256", "files", "metadata", "writer"}
 )
-_ARRAY_CHUNK = re.compile(r"(?P<key>.+)/c(?:/\d+)*")
+_ARRAY_CHUNK = re.compile(r"(?P<key>.+)/c(?:(?:/\d+)+|(?:\.\d+)+)?")
 _ATTEMPT = re.compile(r"attempt-[0-9a-f]{32}")
 _MAX_METADATA_ENTRIES = 256
 _MAX_METADATA_TEXT = 1024
@@ -237,9 +241,10 @@ def _decode_manifest(reader: SchemaReader, where: str) -> dict[str, Any]:
             fields[key] = _MANIFEST_NAME
         elif key == "format":
             version = fields[key] = reader.integer(key)
-            if version != FORMAT:
+            if version not in READABLE_FORMATS:
                 raise FormatVersionError(
-                    f"{where}: checkpoint format {version}; this zarrckpt reads format {FORMAT}"
+                    f"{where}: checkpoint format {version}; this zarrckpt reads formats "
+                    f"{', '.join(map(str, READABLE_FORMATS))}"
                 )
         elif key in ("attempt", "record_sha256", "writer"):
             fields[key] = reader.string(key)
@@ -581,6 +586,7 @@ class CommittedCheckpoint:
     marker: bytes = b""
     top: Storage | None = None
     _layouts: dict[str, ArrayLayout] = field(default_factory=dict, repr=False)
+    _metadata: dict[str, bytes] = field(default_factory=dict, repr=False)  # checked zarr.json
     _files: dict[str, ChunkFile] | None = field(default=None, repr=False)
     _chunks: dict[str, list[ChunkFile]] | None = field(default=None, repr=False)
 
@@ -627,7 +633,7 @@ class CommittedCheckpoint:
         entry = self.files.get(key)
         if entry is None:
             raise MissingChunkError(f"{self.storage.url}/{key}: not listed in {COMMIT_KEY}")
-        raw = read_checked(self.storage, key, entry)
+        raw = self._metadata.pop(key, None) or read_checked(self.storage, key, entry)
         layout = parse_layout(
             raw, f"{self.storage.url}/{key}", attribute.shape, dtype_from_name(attribute.dtype)
         )
@@ -649,6 +655,28 @@ class CommittedCheckpoint:
                 )
         self._layouts[attribute.key] = layout
         return layout
+
+    def prefetch_metadata(self, attributes: Iterable[SavedAttribute], threads: int) -> None:
+        """Read the ``zarr.json`` of ``attributes`` on ``threads`` threads, for :meth:`layout`.
+
+        Each file is checked against the manifest (size, CRC32C) as it is read;
+        one that fails is left for :meth:`layout` to read again and report.
+        """
+        keys = [
+            f"{a.key}/zarr.json"
+            for a in attributes
+            if a.key not in self._layouts and f"{a.key}/zarr.json" in self.files
+        ]
+        if len(keys) < 2 or threads < 2:
+            return
+
+        def fetch(key: str) -> None:
+            # On an error, layout() reads the file again and raises it in its place.
+            with contextlib.suppress(OSError, ZarrckptError):
+                self._metadata[key] = read_checked(self.storage, key, self.files[key])
+
+        with ThreadPoolExecutor(min(threads, len(keys))) as pool:
+            list(pool.map(fetch, keys))
 
     def check_manifest(self) -> dict[str, ArrayLayout]:
         """Every saved value's layout, after checking that every listed file belongs.

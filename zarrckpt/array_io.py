@@ -21,9 +21,11 @@ or restore adds is bounded whatever the model size.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -75,7 +77,11 @@ MAX_METADATA_BYTES = 1 << 20
 # repeated byte in 4 bytes (32768:1), so anything claiming more is damage.
 _MAX_COMPRESSION_RATIO = 1 << 16
 _MAX_NDIM = 64
-_CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "/"}}
+# Format 2 writes chunk keys ``c.0.1`` (zarr's default encoding with the "."
+# separator): a chunk is a file in its array's directory, with no ``c/0/``
+# directories. Format 1 wrote ``c/0/1``; both are read.
+CHUNK_SEPARATOR = "."
+_SEPARATORS = (".", "/")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class ArrayLayout:
     dtype: np.dtype[Any]
     chunk_shape: tuple[int, ...]
     compression: Compression | None = None
+    separator: str = CHUNK_SEPARATOR  # of chunk keys: "." (format 2) or "/" (format 1)
 
     @classmethod
     def plan(
@@ -152,6 +159,9 @@ class ArrayLayout:
 
     def metadata(self) -> bytes:
         """The array's ``zarr.json``, as zarr writes it."""
+        return _array_metadata(self)
+
+    def _build_metadata(self) -> bytes:
         compressors = (
             [] if self.compression is None else [self.compression.zarr_codec(self.dtype.itemsize)]
         )
@@ -159,7 +169,7 @@ class ArrayLayout:
             shape=self.shape,
             data_type=zarr_dtype(self.dtype),
             chunk_grid={"name": "regular", "configuration": {"chunk_shape": self.chunk_shape}},
-            chunk_key_encoding={"name": "default", "configuration": {"separator": "/"}},
+            chunk_key_encoding={"name": "default", "configuration": {"separator": self.separator}},
             fill_value=0,
             codecs=[BytesCodec(endian="little"), *compressors, Crc32cCodec()],
             attributes={},
@@ -167,10 +177,20 @@ class ArrayLayout:
         )
         return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
+    def chunk_key(self, array_key: str, coords: tuple[int, ...]) -> str:
+        """The file key of chunk ``coords`` of the array stored at ``array_key``."""
+        return chunk_key(array_key, coords, self.separator)
 
-def chunk_key(array_key: str, coords: tuple[int, ...]) -> str:
-    """The file key of a chunk (zarr's default v3 chunk key encoding)."""
-    return "/".join((array_key, "c", *map(str, coords)))
+
+@functools.lru_cache(maxsize=256)
+def _array_metadata(layout: ArrayLayout) -> bytes:
+    """``zarr.json`` of a layout; the layers of a model share a few layouts, built once."""
+    return layout._build_metadata()
+
+
+def chunk_key(array_key: str, coords: tuple[int, ...], separator: str = CHUNK_SEPARATOR) -> str:
+    """The file key of a chunk (zarr's default v3 chunk key encoding with ``separator``)."""
+    return f"{array_key}/" + separator.join(("c", *map(str, coords)))
 
 
 def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
@@ -226,7 +246,7 @@ def read_checked(storage: Storage, key: str, entry: ChunkFile) -> bytes:
     checksum = file_checksum(key, data)
     if checksum is None:
         array_key, _, coords = key.rpartition("/c")
-        index = tuple(int(c) for c in coords.strip("/").split("/") if c.isdigit())
+        index = tuple(int(c) for c in re.split(r"[./]", coords) if c.isdigit())
         raise ChecksumError(f"{where}: chunk {index} of {array_key!r} is corrupt")
     if checksum != entry.crc32c:
         raise ChecksumError(f"{where}: CRC32C does not match the commit manifest")
@@ -445,7 +465,7 @@ def write_chunk(
         padding = b""
     checksum = _chunk_crc(data, padding)
     trailer = checksum.to_bytes(_CRC_BYTES, "little")
-    name = chunk_key(key, coords)
+    name = layout.chunk_key(key, coords)
     storage.write(name, [data, padding, trailer])
     size = data.nbytes + len(padding) + _CRC_BYTES
     stats.add(size)
@@ -477,6 +497,7 @@ def write_arrays(
     stats = stats if stats is not None else IOStats(progress=options.progress)
     tasks: list[Task] = []
     groups: set[str] = set()
+    names: list[str] = []  # every file this writes, for storage.prepare
     for key, array in arrays:
         layout = ArrayLayout.plan(
             tuple(array.shape),
@@ -490,8 +511,10 @@ def write_arrays(
         )
         # A compressed chunk holds its padded copy and its encoding at once.
         cost = layout.chunk_nbytes * (1 if layout.compression is None else 2)
+        names.append(f"{key}/zarr.json")
         for coords in np.ndindex(*layout.grid):
             tasks.append((cost, partial(write_chunk, storage, key, layout, array, coords, stats)))
+            names.append(layout.chunk_key(key, coords))
         if groups_of is None:
             parts = key.split("/")
             groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
@@ -506,6 +529,8 @@ def write_arrays(
                 partial(write_file, storage, f"{group}/zarr.json", group_json, stats),
             )
         )
+        names.append(f"{group}/zarr.json")
+    storage.prepare(names)
     return run_tasks(tasks, options, stats)
 
 
@@ -568,7 +593,7 @@ def parse_layout(
             and doc["node_type"] == "array"
             and grid.get("name") == "regular"
             and doc["chunk_key_encoding"]
-            == {"name": "default", "configuration": {"separator": "/"}}
+            in ({"name": "default", "configuration": {"separator": sep}} for sep in _SEPARATORS)
             and len(names) in (2, 3)
             and names[0] == "bytes"
             and names[-1] == "crc32c"
@@ -580,15 +605,17 @@ def parse_layout(
         raise CorruptCheckpointError(f"{where}: malformed array metadata ({exc!r})") from None
     if not ok or not isinstance(data_type, str):
         raise CorruptCheckpointError(
-            f"{where}: array layout is not one zarrckpt format 1 writes "
-            "(regular chunk grid, codecs bytes(little) [+ zstd or blosc lz4] + crc32c)"
+            f"{where}: array layout is not one zarrckpt format 1 or 2 writes "
+            "(regular chunk grid, default chunk keys, codecs bytes(little) [+ zstd or blosc "
+            "lz4] + crc32c)"
         )
     compression = compression_from_metadata(codecs[1], where) if len(codecs) == 3 else None
     try:
         stored_dtype = dtype_from_name(data_type)
     except UnsupportedDTypeError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}") from None
-    layout = ArrayLayout(stored_shape, stored_dtype, chunk_shape, compression)
+    separator = doc["chunk_key_encoding"]["configuration"]["separator"]
+    layout = ArrayLayout(stored_shape, stored_dtype, chunk_shape, compression, separator)
     if len(chunk_shape) != len(stored_shape) or any(
         # zarrckpt's chunks never exceed the array (an empty axis has chunks of 1)
         not 1 <= c <= max(s, 1)
@@ -658,7 +685,7 @@ def _read_chunk(
     end with its own matching CRC32C, decode within its declared size, and
     (bool arrays) hold only 0 and 1.
     """
-    name = chunk_key(key, coords)
+    name = layout.chunk_key(key, coords)
     where = f"{storage.url}/{name}: chunk {coords} of {key!r}"
     expected = files.get(name)
     if expected is None:

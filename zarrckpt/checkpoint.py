@@ -534,6 +534,11 @@ class RestoreSession:
     # Matching -------------------------------------------------------------
 
     def restore_root(self, root: Trackable) -> None:
+        # Every saved value's zarr.json, fetched in parallel: one round trip each,
+        # overlapped, rather than one after another while matching.
+        self.checkpoint.prefetch_metadata(
+            [attribute for _, attribute in self.graph.attributes()], self.options.threads
+        )
         self._restore(0, root)
 
     def restore_deferred(self, node_id: int, obj: Trackable) -> None:

@@ -53,7 +53,7 @@ from zarrckpt.verify import describe_unlisted
 
 __all__ = ["Progress", "format_size", "main", "parse_size", "value_difference"]
 
-_ARRAY_FILE = re.compile(r"(?P<key>.+)/(?:zarr\.json|c(?:/\d+)*)")
+_ARRAY_FILE = re.compile(r"(?P<key>.+)/(?:zarr\.json|c(?:(?:/\d+)+|(?:\.\d+)+)?)")
 EXIT_DIFFERENT, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_ERROR = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `cat big | head -1`

@@ -73,6 +73,7 @@ def copy_checkpoint(
                 created=manifest.created,
                 metadata=manifest.metadata,
                 writer=writer_identity(),
+                format=manifest.format,  # the files are copied as they are
             )
         )
     except BaseException:

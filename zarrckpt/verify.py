@@ -19,7 +19,6 @@ from zarrckpt.array_io import (
     IOStats,
     Task,
     chunk_check_tasks,
-    chunk_key,
     read_checked,
     run_tasks,
 )
@@ -122,7 +121,7 @@ def verify(
         for key, layout in layouts.items():
             checks = chunk_check_tasks(storage, key, layout, files, stats)
             tasks.extend(checks)
-            chunks.update(chunk_key(key, tuple(c)) for c in np.ndindex(*layout.grid))
+            chunks.update(layout.chunk_key(key, tuple(c)) for c in np.ndindex(*layout.grid))
         for key, entry in files.items():
             if key not in chunks:
                 tasks.append((entry.size, partial(_check_file, storage, key, entry, stats)))

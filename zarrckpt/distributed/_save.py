@@ -40,7 +40,6 @@ from zarrckpt.array_io import (
     ChunkFile,
     IOStats,
     Task,
-    chunk_key,
     group_metadata,
     run_tasks,
     write_chunk,
@@ -456,10 +455,10 @@ def _check_complete(plan: GlobalPlan, reports: list[tuple[str | None, Any]]) -> 
             writers[key] = rank
             files.append(ChunkFile(key, size, crc))
     missing = [
-        chunk_key(value.key, tuple(coords))
+        value.layout.chunk_key(value.key, tuple(coords))
         for value in plan.values
         for coords in np.ndindex(*value.layout.grid)
-        if chunk_key(value.key, tuple(coords)) not in writers
+        if value.layout.chunk_key(value.key, tuple(coords)) not in writers
     ]
     if missing:
         raise ZarrckptError(f"{len(missing)} chunks were written by no rank, e.g. {missing[:3]}")

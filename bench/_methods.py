@@ -377,7 +377,9 @@ class Zarrckpt(ZarrPartial):
             raise MethodUnavailable(f"zarrckpt has no public {', '.join(missing)} yet")
 
     def wrap(self, array: np.ndarray) -> Any:
-        return self.zc.Variable(array)
+        # The program's own arrays, saved in place (a Variable copies its initial value
+        # by default, which would add the largest array to the peak RSS measured).
+        return self.zc.Variable(array, copy=False)
 
     def assemble(self, items: dict[str, Any]) -> Any:
         return self.zc.Dict(items)
@@ -386,7 +388,9 @@ class Zarrckpt(ZarrPartial):
         self.zc.Checkpoint(model=state).write(str(path / CKPT_DIR))
 
     def allocate(self, specs: list[ArraySpec]) -> Any:
-        return self.zc.Dict({s.name: self.zc.Variable(touched_empty(s)) for s in specs})
+        return self.zc.Dict(
+            {s.name: self.zc.Variable(touched_empty(s), copy=False) for s in specs}
+        )
 
     def restore(self, path: Path, specs: list[ArraySpec], live: Any) -> Any:
         self.zc.Checkpoint(model=live).read(str(path / CKPT_DIR)).assert_consumed()

@@ -443,3 +443,50 @@ class ZarrckptBase(Zarrckpt):
 
 def create(name: str) -> Method:
     return REGISTRY[name]()
+
+
+class _ZarrckptFsyncPolicy(Zarrckpt):
+    """zarrckpt with another local fsync policy (LocalStorage class attributes), to compare."""
+
+    eager_bytes: ClassVar[int]
+    syncfs_from: ClassVar[int]
+
+    def setup(self) -> None:
+        super().setup()
+        from zarrckpt._storage import LocalStorage
+
+        LocalStorage.EAGER_FSYNC_BYTES = self.eager_bytes
+        LocalStorage.SYNCFS_FROM = self.syncfs_from
+
+
+@register
+class ZarrckptSyncfsOnly(_ZarrckptFsyncPolicy):
+    """Every file written first, then one syncfs for all of them (no fsync per file)."""
+
+    name = "zarrckpt-syncfs"
+    eager_bytes = 1 << 62
+    syncfs_from = 1
+
+
+@register
+class ZarrckptDeferred(_ZarrckptFsyncPolicy):
+    """Every file written first, then an fsync each, 8 at once (the engine before issue 14)."""
+
+    name = "zarrckpt-deferred"
+    eager_bytes = 1 << 62
+    syncfs_from = 1 << 62
+
+
+@register
+class ZarrckptStartWriteback(_ZarrckptFsyncPolicy):
+    """Each chunk's writeback started as written (sync_file_range), then one syncfs for all."""
+
+    name = "zarrckpt-start"
+    eager_bytes = 1 << 20
+    syncfs_from = 1
+
+    def setup(self) -> None:
+        super().setup()
+        from zarrckpt._storage import LocalStorage
+
+        LocalStorage.CHUNK_WRITEBACK = "start"

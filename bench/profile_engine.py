@@ -1,6 +1,7 @@
 """Where a zarrckpt save and cold restore spend their time, next to raw8 in the same process.
 
-Usage: ``python3 bench/profile_engine.py [--size 2GiB] [--dtype float32] [--rounds 3]``.
+Usage: ``python3 bench/profile_engine.py [--size 2GiB] [--dtype float32] [--rounds 3]``;
+``PYTHONPATH=/tmp/zc-old python3 bench/profile_engine.py`` profiles another checkout.
 
 Each round writes the model with ``raw8`` (8 threads, one file per array, an
 fsync each) and with ``zc.Checkpoint(...).write``, then drops the page cache
@@ -61,8 +62,13 @@ TIMERS = Timers()
 
 
 def wrap(owner: Any, attr: str, name: str) -> None:
-    """Replace ``owner.attr`` by a version that adds its time to ``TIMERS[name]``."""
-    original = getattr(owner, attr)
+    """Replace ``owner.attr`` by a version that adds its time to ``TIMERS[name]``.
+
+    Skipped where ``owner`` has no ``attr`` (an older zarrckpt, for before/after runs).
+    """
+    original = getattr(owner, attr, None)
+    if original is None:
+        return
 
     @functools.wraps(original)
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -90,8 +96,10 @@ def instrument() -> None:
     # thread-seconds (I/O threads)
     wrap(array_io, "_chunk_crc", "threads: CRC32C")
     wrap(_storage.LocalStorage, "_ensure_dir", "threads: makedirs")
-    wrap(_storage, "fsync_file", "threads: fsync file")
-    wrap(_storage, "fsync_directory", "threads: fsync directory (serial)")
+    wrap(os, "fsync", "threads: every fsync (chunks as written, files, directories)")
+    wrap(_storage, "fsync_directory", "threads: fsync of a directory")
+    wrap(_storage, "_syncfs", "wall:   of which syncfs")
+    wrap(_storage.LocalStorage, "prepare", "wall:   of which making directories (prepare)")
     wrap(array_io, "write_file", "threads: metadata file write")
     wrap(_storage.LocalStorage, "_open_regular", "threads: open for read (+ dir checks)")
 

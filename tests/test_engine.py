@@ -379,30 +379,61 @@ def _many_values(count: int) -> zc.AutoTrackable:
     return model
 
 
-def test_a_save_of_many_small_files_makes_them_durable_with_one_syncfs(tmp_path, monkeypatch):
-    """Chunks of 1 MiB or more are fsynced as written; the rest by one syncfs on the root."""
+def test_a_save_starts_each_chunks_writeback_and_makes_all_durable_with_one_syncfs(
+    tmp_path, monkeypatch
+):
+    """Chunks of 1 MiB or more: writeback started as written; then one syncfs on the root."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_syncfs, real_range = os.fsync, _storage._syncfs, _storage._sync_file_range
+    assert real_syncfs is not None and real_range is not None  # Linux
+
+    def path_of(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def recording_fsync(fd: int) -> None:
+        events.append(("fsync", path_of(fd)))
+        real_fsync(fd)
+
+    def recording_syncfs(fd: int) -> int:
+        events.append(("syncfs", path_of(fd)))
+        return int(real_syncfs(fd))
+
+    def recording_range(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        events.append(("start", path_of(fd)))
+        return int(real_range(fd, offset, nbytes, flags))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(_storage, "_syncfs", recording_syncfs)
+    monkeypatch.setattr(_storage, "_sync_file_range", recording_range)
+    path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))
+    kinds = [kind for kind, _ in events]
+    # the 2 MiB chunk's writeback started, then one syncfs of the temporary directory,
+    # then (after the rename) an fsync of the parent
+    assert kinds == ["start", "syncfs", "fsync"], events
+    assert events[0][1].endswith("model/big/.ATTRIBUTES/VARIABLE_VALUE/c.0")
+    assert ".ckpt-1.zarrckpt-tmp-" in events[1][1]
+    assert events[2][1] == str(tmp_path)
+    assert (path / "model/big/.ATTRIBUTES/VARIABLE_VALUE/c.0").stat().st_size == (1 << 21) + 4
+    assert zc.verify(str(path)).arrays == 21
+
+
+@pytest.mark.parametrize("mode", ["fsync", "defer"])
+def test_the_other_chunk_writeback_modes_fsync_every_chunk(tmp_path, monkeypatch, mode):
     synced: list[str] = []
-    synced_fs: list[str] = []
-    real_fsync, real_syncfs = os.fsync, _storage._syncfs
-    assert real_syncfs is not None  # Linux
+    real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    def recording_syncfs(fd: int) -> int:
-        synced_fs.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return int(real_syncfs(fd))
-
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    monkeypatch.setattr(_storage, "_syncfs", recording_syncfs)
+    monkeypatch.setattr(_storage.LocalStorage, "CHUNK_WRITEBACK", mode)
+    monkeypatch.setattr(_storage.LocalStorage, "SYNCFS_FROM", 1 << 30)  # one fsync each
     path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))
-    assert len(synced_fs) == 1 and ".ckpt-1.zarrckpt-tmp-" in synced_fs[0]  # the temp directory
-    big = "model/big/.ATTRIBUTES/VARIABLE_VALUE"
-    # the 2 MiB chunk by its writer, under the temporary name; then the parent after the rename
-    assert [Path(n).name for n in synced if Path(n).parent.name == "VARIABLE_VALUE"] == ["c.0"]
-    assert str(tmp_path) in synced
-    assert (path / big / "c.0").stat().st_size == (1 << 21) + 4
+    chunk = [n for n in synced if n.endswith("model/big/.ATTRIBUTES/VARIABLE_VALUE/c.0")]
+    assert len(chunk) == 1  # by its writer ("fsync") or by sync() ("defer"), once
+    everything = {p.name for p in path.rglob("*")}
+    assert {Path(n).name for n in synced} >= everything - {"ckpt-1"}
     assert zc.verify(str(path)).arrays == 21
 
 

@@ -210,7 +210,11 @@ def run_size(args: argparse.Namespace, root: Path, label: str, nbytes: int) -> d
     records: dict[str, list[dict[str, Any]]] = {m: [] for m in args.methods}
     for repeat in range(args.repeat):
         print(f"size {label}, round {repeat + 1}/{args.repeat}", flush=True)
-        for name in args.methods:
+        # Each round starts one method later: on this disk a save is faster or slower
+        # depending on what the method before it left behind, so no method always
+        # follows the same one.
+        shift = repeat % len(args.methods)
+        for name in args.methods[shift:] + args.methods[:shift]:
             records[name].append(run_method(name, common, args.timeout))
     reference = records.get(_report.REFERENCE)
     size["summary"] = {m: _report.summarize(recs, model["bytes"], reference)

@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         fs.mkdir("bench")
         model = _model(args.size, seed=0)
         nbytes = sum(v.nbytes for v in model.values())
-        print(f"model: {len(model)} arrays, {nbytes / MiB:,.0f} MiB; moto at {endpoint}")
+        print(
+            f"model: {len(model)} arrays, {nbytes / MiB:,.0f} MiB; moto at {endpoint}; "
+            f"zarrckpt {zc.__version__} from {zc.__file__}"
+        )
         times: dict[str, list[float]] = collections.defaultdict(list)
         requests: dict[str, collections.Counter[str]] = {}
         ckpt = zc.Checkpoint(model=model)

@@ -337,7 +337,8 @@ def test_blosc_header_lying_about_its_size_is_refused(tmp_path):
 # Durability -------------------------------------------------------------------------
 
 
-def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypatch):
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Make os.fsync append the path of each descriptor it syncs to the list returned."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -346,6 +347,11 @@ def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypat
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
+def test_every_file_and_directory_of_a_local_save_is_fsynced(tmp_path, monkeypatch):
+    synced = _record_fsyncs(monkeypatch)
     model = zc.AutoTrackable()
     model.cube = zc.Variable(np.ones((4, 3, 2), np.float32))  # chunk files c.0.0.0 to c.3.0.0
     model.flat = zc.Variable(np.arange(5, dtype=np.int64))
@@ -419,14 +425,7 @@ def test_a_save_starts_each_chunks_writeback_and_makes_all_durable_with_one_sync
 
 @pytest.mark.parametrize("mode", ["fsync", "defer"])
 def test_the_other_chunk_writeback_modes_fsync_every_chunk(tmp_path, monkeypatch, mode):
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = _record_fsyncs(monkeypatch)
     monkeypatch.setattr(_storage.LocalStorage, "CHUNK_WRITEBACK", mode)
     monkeypatch.setattr(_storage.LocalStorage, "SYNCFS_FROM", 1 << 30)  # one fsync each
     path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))

@@ -45,36 +45,23 @@ __all__ = [
 Buffer = bytes | bytearray | memoryview
 
 
-def _load_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's ``syncfs`` on Linux (not in the os module), or None."""
+def _libc_function(name: str, *argtypes: Any) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's ``name`` on Linux (syncfs, sync_file_range: not in the os module), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):  # pragma: no cover - glibc and musl have it
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):  # pragma: no cover - glibc and musl have both
         return None
-    function.argtypes = [ctypes.c_int]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function
 
 
-_syncfs = _load_syncfs()
-
-
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's ``sync_file_range`` on Linux (not in the os module), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # pragma: no cover - glibc and musl have it
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
+_syncfs = _libc_function("syncfs", ctypes.c_int)
+_sync_file_range = _libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, do not wait
 
 

@@ -490,3 +490,18 @@ class ZarrckptStartWriteback(_ZarrckptFsyncPolicy):
         from zarrckpt._storage import LocalStorage
 
         LocalStorage.CHUNK_WRITEBACK = "start"
+
+
+@register
+class ZarrckptDirectNoFallocate(_ZarrckptFsyncPolicy):
+    """O_DIRECT chunk writes without reserving each file's blocks first (no fallocate)."""
+
+    name = "zarrckpt-nofalloc"
+    eager_bytes = 1 << 20
+    syncfs_from = 32
+
+    def setup(self) -> None:
+        super().setup()
+        from zarrckpt._storage import LocalStorage
+
+        LocalStorage.FALLOCATE = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import threading
@@ -385,10 +386,8 @@ def _many_values(count: int) -> zc.AutoTrackable:
     return model
 
 
-def test_a_save_starts_each_chunks_writeback_and_makes_all_durable_with_one_syncfs(
-    tmp_path, monkeypatch
-):
-    """Chunks of 1 MiB or more: writeback started as written; then one syncfs on the root."""
+def _record_durability(monkeypatch) -> list[tuple[str, str]]:
+    """Record every fsync, syncfs and started writeback as (kind, path), in order."""
     events: list[tuple[str, str]] = []
     real_fsync, real_syncfs, real_range = os.fsync, _storage._syncfs, _storage._sync_file_range
     assert real_syncfs is not None and real_range is not None  # Linux
@@ -411,6 +410,134 @@ def test_a_save_starts_each_chunks_writeback_and_makes_all_durable_with_one_sync
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(_storage, "_syncfs", recording_syncfs)
     monkeypatch.setattr(_storage, "_sync_file_range", recording_range)
+    return events
+
+
+def _resident(path: Path) -> bool:
+    """Whether the first page of ``path`` is in the page cache (a read that must not wait)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_save_writes_chunks_past_the_page_cache_and_makes_all_durable_with_one_syncfs(
+    tmp_path, monkeypatch
+):
+    """Chunks of 1 MiB or more: written with O_DIRECT; then one syncfs on the root."""
+    events = _record_durability(monkeypatch)
+    path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))
+    # no writeback to start: the chunk went to the disk as it was written; then one
+    # syncfs of the temporary directory, then (after the rename) an fsync of the parent
+    assert [kind for kind, _ in events] == ["syncfs", "fsync"], events
+    assert ".ckpt-1.zarrckpt-tmp-" in events[0][1]
+    assert events[1][1] == str(tmp_path)
+    chunk = path / "model/big/.ATTRIBUTES/VARIABLE_VALUE/c.0"
+    # 2 MiB and the 4-byte CRC32C: the last block was padded and the file cut back
+    assert chunk.stat().st_size == (1 << 21) + 4
+    assert not _resident(chunk)  # never in the page cache
+    assert _resident(path / "model/big/.ATTRIBUTES/VARIABLE_VALUE/zarr.json")  # small: buffered
+    restored = _many_values(20)
+    restored.big.assign(np.zeros(1 << 19, np.float32))
+    zc.Checkpoint(model=restored).read(str(path)).assert_consumed()
+    np.testing.assert_array_equal(restored.big.numpy(), np.arange(1 << 19, dtype=np.float32))
+    assert zc.verify(str(path)).arrays == 21
+
+
+@pytest.mark.parametrize(
+    "elements", [1 << 18, (1 << 18) + 1, 300_001, (1 << 18) + 1023], ids=str
+)
+def test_direct_writes_fill_the_buffer_many_times_and_keep_every_byte(
+    tmp_path, monkeypatch, elements
+):
+    """A chunk of many buffers' worth, ending anywhere in a block, is stored byte for byte."""
+    monkeypatch.setattr(LocalStorage, "DIRECT_BUFFER", 64 * KiB)
+    monkeypatch.setattr(LocalStorage, "EAGER_FSYNC_BYTES", 64 * KiB)
+    values = np.random.default_rng(elements).standard_normal(elements).astype(np.float32)
+    path = Path(zc.Checkpoint(v=zc.Variable(values)).write(tmp_path / "ckpt-1"))
+    chunk = path / "v/.ATTRIBUTES/VARIABLE_VALUE/c.0"
+    assert chunk.stat().st_size == values.nbytes + 4
+    assert not _resident(chunk)
+    stored = np.fromfile(chunk, np.uint8)
+    np.testing.assert_array_equal(stored[:-4], values.view(np.uint8))  # no padding left
+    assert int.from_bytes(stored[-4:].tobytes(), "little") == crc32c.crc32c(values.tobytes())
+    out = zc.Variable(np.zeros(elements, np.float32))
+    zc.Checkpoint(v=out).read(str(path)).assert_consumed()
+    np.testing.assert_array_equal(out.numpy(), values)
+
+
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch, where):
+    """EINVAL for O_DIRECT (at open, or at the first write) falls back to buffered writes."""
+    real_open, real_pwrite = os.open, os.pwrite
+    refused: list[str] = []
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if where == "open" and flags & os.O_DIRECT:
+            refused.append(str(path))
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_pwrite(fd, data, offset):
+        if where == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(os.readlink(f"/proc/self/fd/{fd}"))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    events = _record_durability(monkeypatch)
+    model = _many_values(20)
+    model.other = zc.Variable(np.full(1 << 19, 7, np.float32))
+    path = Path(zc.Checkpoint(model=model).write(tmp_path / "ckpt-1"))
+    # tried once per writing thread at most (two chunks may be written at once), then
+    # every chunk buffered
+    assert 1 <= len(refused) == len(set(refused)) <= 2, refused
+    # both chunks' writeback started as written instead, then the same syncfs
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["start", "start", "syncfs", "fsync"], events
+    for name, value in (("big", np.arange(1 << 19, dtype=np.float32)),
+                        ("other", np.full(1 << 19, 7, np.float32))):
+        chunk = path / f"model/{name}/.ATTRIBUTES/VARIABLE_VALUE/c.0"
+        assert chunk.stat().st_size == (1 << 21) + 4
+        np.testing.assert_array_equal(np.fromfile(chunk, np.float32)[:-1], value)
+    assert zc.verify(str(path)).arrays == 22
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EOPNOTSUPP], ids=errno.errorcode.get)
+def test_reserving_a_chunks_blocks_fails_on_a_full_disk_only(tmp_path, monkeypatch, code):
+    """fallocate's ENOSPC fails the save (nothing committed); EOPNOTSUPP just writes."""
+    reserved: list[int] = []
+
+    def failing_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        reserved.append(length)
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(_storage, "_fallocate", failing_fallocate)
+    model = _many_values(20)
+    if code == errno.ENOSPC:
+        with pytest.raises(OSError, match="cannot reserve 2101248 bytes") as info:
+            zc.Checkpoint(model=model).write(tmp_path / "ckpt-1")
+        assert info.value.errno == errno.ENOSPC
+        assert info.value.filename.endswith("model/big/.ATTRIBUTES/VARIABLE_VALUE/c.0")
+        assert list(tmp_path.iterdir()) == []  # no checkpoint, no temporary directory
+    else:
+        path = zc.Checkpoint(model=model).write(tmp_path / "ckpt-1")
+        assert zc.verify(path).arrays == 21
+    assert reserved == [(1 << 21) + 4096]  # the 2 MiB chunk and its CRC, in whole blocks
+
+
+def test_a_save_in_start_mode_starts_each_chunks_writeback_then_one_syncfs(
+    tmp_path, monkeypatch
+):
+    """CHUNK_WRITEBACK="start": chunks buffered, writeback started as written, one syncfs."""
+    events = _record_durability(monkeypatch)
+    monkeypatch.setattr(LocalStorage, "CHUNK_WRITEBACK", "start")
     path = Path(zc.Checkpoint(model=_many_values(20)).write(tmp_path / "ckpt-1"))
     kinds = [kind for kind, _ in events]
     # the 2 MiB chunk's writeback started, then one syncfs of the temporary directory,

@@ -407,7 +407,9 @@ def test_failed_background_delete_does_not_lose_the_next_save(faulty):
 
 
 class _OsFaults:
-    """Fails the Nth call of an os function (writev, rename, unlink, fsync, replace) with EIO.
+    """Fails the Nth call of an os function (writev, pwrite, rename, unlink, fsync, replace).
+
+    With EIO.
 
     Also libc's syncfs, which a local save calls once to make its small files
     and directories durable.
@@ -418,7 +420,7 @@ class _OsFaults:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
         self.fail: dict[str, int] = {}
-        for name in ("writev", "rename", "unlink", "fsync", "replace"):
+        for name in ("writev", "pwrite", "rename", "unlink", "fsync", "replace"):
             self._wrap(name)
         self._wrap("syncfs", _storage)
 
@@ -442,12 +444,14 @@ class _OsFaults:
             self.fail = dict(fail)
 
 
-@pytest.mark.parametrize("call", ["writev", "rename", "fsync", "syncfs"])
+@pytest.mark.parametrize("call", ["writev", "pwrite", "rename", "fsync", "syncfs"])
 def test_local_save_with_each_failing_os_call(tmp_path, monkeypatch, call):
     base = str(tmp_path / "run")
-    options = CheckpointOptions() if call in ("fsync", "syncfs") else NO_FSYNC
+    options = CheckpointOptions() if call in ("fsync", "syncfs", "pwrite") else NO_FSYNC
     if call == "fsync":  # every file and directory fsynced one by one, not by one syncfs
         monkeypatch.setattr(_storage.LocalStorage, "SYNCFS_FROM", 1 << 30)
+    if call == "pwrite":  # every file written with O_DIRECT, as chunks of 1 MiB and more are
+        monkeypatch.setattr(_storage.LocalStorage, "EAGER_FSYNC_BYTES", 1)
     model = Model(seed=8)
     ckpt = zc.Checkpoint(model=model)
     committed = {ckpt.save(f"{base}/ckpt", options=options): _state(model)}
@@ -456,8 +460,9 @@ def test_local_save_with_each_failing_os_call(tmp_path, monkeypatch, call):
     model.embedding.assign(np.full(model.embedding.shape, -1, np.float32))
     committed[ckpt.save(f"{base}/ckpt", options=options)] = _state(model)
     total = faults.counts.get(call, 0)
-    # fsync: every file and directory; syncfs: once for all of them (more than 32)
-    assert total == 1 if call == "syncfs" else total >= (20 if call == "fsync" else 1)
+    # fsync: every file and directory; syncfs: once for all of them (more than 32);
+    # pwrite: every file (all written with O_DIRECT here)
+    assert total == 1 if call == "syncfs" else total >= (20 if call in ("fsync", "pwrite") else 1)
     for n in range(1, total + 1):
         model.embedding.assign(np.full(model.embedding.shape, n, np.float32))
         faults.reset(**{call: n})

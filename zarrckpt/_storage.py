@@ -1,7 +1,8 @@
 """Where a checkpoint's files go: a root URL plus relative keys.
 
-``LocalStorage`` talks to the OS directly (``writev`` + ``fsync``, ``readv``
-into the caller's buffers) because that is what reaches disk speed;
+``LocalStorage`` talks to the OS directly (``O_DIRECT`` chunk writes,
+``syncfs``, ``readv`` into the caller's buffers) because that is what reaches
+disk speed;
 ``FsspecStorage`` serves every other fsspec filesystem. Every key is checked
 here, at the edge, so nothing read from a checkpoint can name a file outside
 the root.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import stat
 import sys
@@ -63,6 +65,14 @@ _sync_file_range = _libc_function(
     "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
 )
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, do not wait
+_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_O_DIRECT: int | None = getattr(os, "O_DIRECT", None)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        count = os.pwrite(fd, data, offset)
+        data, offset = data[count:], offset + count
 
 
 def check_relative_key(key: str) -> str:
@@ -121,29 +131,38 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files on a local filesystem, written with ``writev``; ``sync()`` makes them durable.
+    """Files on a local filesystem; ``sync()`` makes them durable.
 
-    With ``fsync``: as soon as a file of ``EAGER_FSYNC_BYTES`` or more (a chunk)
-    is written, its writeback is started (``sync_file_range(WRITE)``, which
-    does not wait), so the disk works while the other chunks are written;
+    With ``fsync``, a file of ``EAGER_FSYNC_BYTES`` or more (a chunk) is
+    written with ``O_DIRECT``: its blocks are reserved first (``fallocate``,
+    one extent however many threads write side by side), its bytes are copied
+    into the writing thread's page-aligned buffer of ``DIRECT_BUFFER`` bytes
+    and go to the disk from there, never through the page cache; the last
+    block is padded and the file cut back to its size. Where ``O_DIRECT`` is
+    refused (``EINVAL``), that file and every later one are written through
+    the page cache instead, each chunk's writeback started as soon as it is
+    written (``sync_file_range(WRITE)``). Smaller files (``zarr.json``, the
+    record) are written through the page cache.
+
     :meth:`sync` then makes every file and every directory created durable
     with one ``syncfs()`` on the root (opened before the first write, so Linux
     reports to it every writeback error since), or, for fewer than
-    ``SYNCFS_FROM`` of them or without ``syncfs``, with an fsync each, ``threads``
-    at once. Measured on this project's disk with 8 writing threads (bench/
-    RESULTS.md, issue 14), at 1 and 4 GiB: started writeback plus one syncfs
-    0.98x and 0.84x the time of raw files fsynced one by one; an fsync of each
-    chunk by its writer 1.36x and 1.19x; writing everything first, then one
-    syncfs, 1.49x and 0.99x. :meth:`prepare` makes every directory a save
-    needs from one thread before the writing threads start, so they never
-    contend on a parent directory's lock.
+    ``SYNCFS_FROM`` of them or without ``syncfs``, with an fsync each,
+    ``threads`` at once. :meth:`prepare` makes every directory a save needs
+    from one thread before the writing threads start, so they never contend
+    on a parent directory's lock. The measurements behind each choice are in
+    bench/RESULTS.md (issue 14) and docs/architecture.md ("Durability").
     """
 
     EAGER_FSYNC_BYTES = 1 << 20
-    # What happens to a chunk file once written: "start" its writeback
-    # (sync_file_range, where there is one; else "fsync"), "fsync" it in the
-    # writing thread, or "defer" everything to sync().
-    CHUNK_WRITEBACK = "start"
+    # What happens to a chunk file: "direct" (above); "start" its writeback
+    # once written through the page cache (sync_file_range, where there is
+    # one; else "fsync"); "fsync" it in the writing thread; or "defer"
+    # everything to sync(). Class attributes, so bench/ can compare them.
+    CHUNK_WRITEBACK = "direct"
+    DIRECT_BUFFER = 2 << 20  # per writing thread, a multiple of DIRECT_ALIGN
+    DIRECT_ALIGN = 4096  # offsets and lengths of O_DIRECT writes
+    FALLOCATE = True
     # From this many files and directories left to make durable, sync() makes
     # them durable with one syncfs() rather than one fsync (one device cache
     # flush here) each.
@@ -160,6 +179,8 @@ class LocalStorage(Storage):
         self._lock = threading.Lock()
         self._root_fd: int | None = None  # see _watch_errors
         self._close_root: weakref.finalize | None = None  # type: ignore[type-arg]
+        self._direct = _O_DIRECT is not None
+        self._buffers = threading.local()
 
     def _watch_errors(self) -> None:
         """Open the root before writing, so that syncfs on it reports every writeback error since.
@@ -254,13 +275,23 @@ class LocalStorage(Storage):
         path = self._path(key)
         self._watch_errors()
         self._ensure_dir(os.path.dirname(path))
+        chunk = self.fsync and sum(len(p) for p in parts) >= self.EAGER_FSYNC_BYTES
+        mode = self.CHUNK_WRITEBACK if chunk else "defer"
+        if mode == "direct" and not (self._direct and self._write_direct(path, parts)):
+            mode = "start"
+        if mode == "start" and _sync_file_range is None:
+            mode = "fsync"
+        if mode != "direct":
+            self._write_buffered(path, parts, mode)
+        if self.fsync and mode != "fsync":
+            with self._lock:
+                self._written.append(path)  # for sync()
+
+    def _write_buffered(self, path: str, parts: Sequence[Buffer], mode: str) -> None:
+        """Write ``path`` through the page cache; then fsync it or start its writeback."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        eager = False
         try:
             pending = [memoryview(p).cast("B") for p in parts if len(p)]
-            big = self.fsync and sum(len(p) for p in pending) >= self.EAGER_FSYNC_BYTES
-            start = big and self.CHUNK_WRITEBACK == "start" and _sync_file_range is not None
-            eager = big and not start and self.CHUNK_WRITEBACK != "defer"
             while pending:
                 written = os.writev(fd, pending)
                 while pending and written >= len(pending[0]):
@@ -268,16 +299,81 @@ class LocalStorage(Storage):
                     pending.pop(0)
                 if pending and written:
                     pending[0] = pending[0][written:]
-            if eager:
+            if mode == "fsync":
                 os.fsync(fd)
-            elif start:
+            elif mode == "start":
                 assert _sync_file_range is not None
                 _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # sync() waits for it
         finally:
             os.close(fd)
-        if self.fsync and not eager:
-            with self._lock:
-                self._written.append(path)
+
+    def _write_direct(self, path: str, parts: Sequence[Buffer]) -> bool:
+        """Write ``path`` with O_DIRECT, bypassing the page cache; False where it cannot.
+
+        The parts are copied into this thread's aligned buffer; the last block
+        is padded with zeros, and the file cut back to its size afterwards.
+        """
+        assert _O_DIRECT is not None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct = False  # a filesystem without O_DIRECT: buffered from now on
+            return False
+        try:
+            self._fill_direct(path, fd, parts)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # O_DIRECT accepted at open but not for these blocks (a larger block
+            # size than DIRECT_ALIGN): the caller writes the file again, buffered.
+            self._direct = False
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def _fill_direct(self, path: str, fd: int, parts: Sequence[Buffer]) -> None:
+        """Copy ``parts`` into this thread's buffer and write it out each time it is full.
+
+        The last block is padded with zeros to ``DIRECT_ALIGN``, and the file
+        cut back to the parts' size after it.
+        """
+        buffer, align = self._buffer(), self.DIRECT_ALIGN
+        offset = filled = 0
+        if self.FALLOCATE and _fallocate is not None:
+            # The whole file's blocks reserved at once: one extent where the
+            # filesystem can, however many threads write files side by side.
+            # A full disk says so here, before a byte is copied; a filesystem
+            # that cannot reserve blocks (EOPNOTSUPP) is simply written to.
+            size = -(-sum(len(p) for p in parts) // align) * align
+            if _fallocate(fd, 0, 0, size) != 0:
+                code = ctypes.get_errno()
+                if code in (errno.ENOSPC, errno.EDQUOT):
+                    raise OSError(code, f"cannot reserve {size} bytes: {os.strerror(code)}", path)
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while len(view):
+                take = min(len(view), len(buffer) - filled)
+                buffer[filled : filled + take] = view[:take]
+                filled, view = filled + take, view[take:]
+                if filled == len(buffer):
+                    _pwrite_all(fd, buffer, offset)
+                    offset, filled = offset + filled, 0
+        if filled:
+            padded = -(-filled // align) * align
+            buffer[filled:padded] = bytes(padded - filled)
+            _pwrite_all(fd, buffer[:padded], offset)
+            if padded != filled:
+                os.ftruncate(fd, offset + filled)
+
+    def _buffer(self) -> memoryview:
+        """This thread's buffer for O_DIRECT writes: page-aligned, made on first use."""
+        buffer: memoryview | None = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            buffer = self._buffers.buffer = memoryview(mmap.mmap(-1, self.DIRECT_BUFFER))
+        return buffer
 
     def read(self, key: str, limit: int | None = None) -> bytes:
         fd, size = self._open_regular(key)

@@ -580,3 +580,76 @@ def test_few_small_files_are_fsynced_one_by_one(tmp_path, monkeypatch):
     monkeypatch.setattr(_storage, "_syncfs", lambda fd: called.append(fd) or 0)
     zc.Checkpoint(v=zc.Variable(np.ones(3, np.float32))).write(tmp_path / "ckpt-1")
     assert called == []
+
+
+# Reading every zarr.json ahead of a restore ------------------------------------------
+
+
+def _count_metadata_reads(monkeypatch, storage_class) -> tuple[list[str], list[str]]:
+    """Record the zarr.json keys ``storage_class`` is asked to read, and to read ahead."""
+    reads: list[str] = []
+    hinted: list[str] = []
+    real_read, real_will_read = storage_class.read, storage_class.will_read
+
+    def read(self, key, limit=None):
+        if key.endswith("zarr.json"):
+            reads.append(key)
+        return real_read(self, key, limit)
+
+    def will_read(self, keys):
+        keys = list(keys)
+        hinted.extend(keys)
+        return real_will_read(self, keys)
+
+    monkeypatch.setattr(storage_class, "read", read)
+    monkeypatch.setattr(storage_class, "will_read", will_read)
+    return reads, hinted
+
+
+def test_a_local_restore_asks_for_every_zarr_json_at_once_then_reads_each_once(
+    tmp_path, monkeypatch
+):
+    path = zc.Checkpoint(model=_many_values(12)).write(tmp_path / "ckpt-1")
+    reads, hinted = _count_metadata_reads(monkeypatch, LocalStorage)
+    restored = _many_values(12)
+    for i in range(12):
+        restored.values[f"v{i}"].assign(np.zeros((3, 2), np.float32))
+    zc.Checkpoint(model=restored).read(path).assert_consumed()
+    expected = sorted(
+        [f"model/values/v{i}/.ATTRIBUTES/VARIABLE_VALUE/zarr.json" for i in range(12)]
+        + ["model/big/.ATTRIBUTES/VARIABLE_VALUE/zarr.json"]
+    )
+    assert sorted(hinted) == expected  # one hint for all of them, before any is read
+    assert sorted(reads) == expected  # and each read once (layout() takes what was read)
+    assert restored.values["v7"].numpy().tolist() == [[7.0, 7.0]] * 3
+
+
+def test_read_ahead_skips_what_it_cannot_open_and_the_read_reports_it(tmp_path):
+    path = Path(zc.Checkpoint(model=_many_values(3)).write(tmp_path / "ckpt-1"))
+    key = "model/values/v1/.ATTRIBUTES/VARIABLE_VALUE/zarr.json"
+    (path / key).unlink()
+    (path / key).symlink_to(path / "model/values/v0/.ATTRIBUTES/VARIABLE_VALUE/zarr.json")
+    storage = LocalStorage(str(path), fsync=False)
+    storage.will_read([key, "model/big/.ATTRIBUTES/VARIABLE_VALUE/zarr.json", "no/such"])
+    with pytest.raises(CorruptCheckpointError, match="is a symbolic link"):
+        zc.Checkpoint(model=_many_values(3)).read(str(path))
+
+
+def test_an_object_store_restore_reads_every_zarr_json_from_threads(monkeypatch):
+    url = f"memory://prefetch-{os.getpid()}-{time.monotonic_ns()}/ckpt-1"
+    zc.Checkpoint(model=_many_values(12)).write(url)
+    reads, hinted = _count_metadata_reads(monkeypatch, _storage.FsspecStorage)
+    threads: set[str] = set()
+    real_read = _storage.FsspecStorage.read
+
+    def read(self, key, limit=None):
+        if key.endswith("zarr.json"):
+            threads.add(threading.current_thread().name)
+        return real_read(self, key, limit)
+
+    monkeypatch.setattr(_storage.FsspecStorage, "read", read)
+    restored = _many_values(12)
+    zc.Checkpoint(model=restored).read(url).assert_consumed()
+    assert hinted == []  # no read-ahead hint: threads instead
+    assert len(reads) == 13 and len(set(reads)) == 13
+    assert threads and threading.current_thread().name not in threads  # all in the pool

@@ -657,17 +657,21 @@ class CommittedCheckpoint:
         return layout
 
     def prefetch_metadata(self, attributes: Iterable[SavedAttribute], threads: int) -> None:
-        """Read the ``zarr.json`` of ``attributes`` on ``threads`` threads, for :meth:`layout`.
+        """Read the ``zarr.json`` of ``attributes`` ahead, for :meth:`layout`.
 
-        Each file is checked against the manifest (size, CRC32C) as it is read;
-        one that fails is left for :meth:`layout` to read again and report.
+        From an object store on ``threads`` threads (a round trip each); from
+        a local disk one after another, once the kernel has been asked for all
+        of them (:meth:`Storage.will_read`), which is faster there than
+        threads contending for the GIL. Each file is checked against the
+        manifest (size, CRC32C) as it is read; one that fails is left for
+        :meth:`layout` to read again and report.
         """
         keys = [
             f"{a.key}/zarr.json"
             for a in attributes
             if a.key not in self._layouts and f"{a.key}/zarr.json" in self.files
         ]
-        if len(keys) < 2 or threads < 2:
+        if len(keys) < 2:
             return
 
         def fetch(key: str) -> None:
@@ -675,8 +679,13 @@ class CommittedCheckpoint:
             with contextlib.suppress(OSError, ZarrckptError):
                 self._metadata[key] = read_checked(self.storage, key, self.files[key])
 
-        with ThreadPoolExecutor(min(threads, len(keys))) as pool:
-            list(pool.map(fetch, keys))
+        if not self.storage.PARALLEL_SMALL_READS:
+            self.storage.will_read(keys)
+            for key in keys:
+                fetch(key)
+        elif threads > 1:
+            with ThreadPoolExecutor(min(threads, len(keys))) as pool:
+                list(pool.map(fetch, keys))
 
     def check_manifest(self) -> dict[str, ArrayLayout]:
         """Every saved value's layout, after checking that every listed file belongs.

@@ -32,6 +32,7 @@ from zarrckpt.errors import (
     InvalidArgumentError,
     InvalidKeyError,
     MissingDependencyError,
+    ZarrckptError,
 )
 
 __all__ = [
@@ -113,8 +114,15 @@ class Storage(ABC):
     def sizes(self) -> dict[str, int]:
         """Every file under the root with its size, from one listing."""
 
+    # Whether many small files are read sooner by several threads at once (an
+    # object store: a round trip each) than one after another after will_read().
+    PARALLEL_SMALL_READS = True
+
     def prepare(self, keys: Iterable[str]) -> None:  # noqa: B027 - nothing to prepare by default
         """Get ready to write the files ``keys`` names (local storage makes their directories)."""
+
+    def will_read(self, keys: Iterable[str]) -> None:  # noqa: B027 - a hint only
+        """Say that the files ``keys`` names are read next (local storage starts reading them)."""
 
     def sync(self) -> None:  # noqa: B027 - nothing to do where writes are durable at once
         """Make every file written so far durable (directory entries included)."""
@@ -155,6 +163,7 @@ class LocalStorage(Storage):
     """
 
     EAGER_FSYNC_BYTES = 1 << 20
+    PARALLEL_SMALL_READS = False  # 148 zarr.json: 0.016 s after will_read, 0.03 s by 8 threads
     # What happens to a chunk file: "direct" (above); "start" its writeback
     # once written through the page cache (sync_file_range, where there is
     # one; else "fsync"); "fsync" it in the writing thread; or "defer"
@@ -374,6 +383,25 @@ class LocalStorage(Storage):
         if buffer is None:
             buffer = self._buffers.buffer = memoryview(mmap.mmap(-1, self.DIRECT_BUFFER))
         return buffer
+
+    def will_read(self, keys: Iterable[str]) -> None:
+        """Ask the kernel to read every file of ``keys`` at once (``POSIX_FADV_WILLNEED``).
+
+        From one thread, without waiting for any: the disk gets all the small
+        reads together, and the reads that follow find the pages cached. A
+        file that cannot be opened is skipped; reading it reports why.
+        """
+        for key in keys:
+            try:
+                fd, _ = self._open_regular(key)
+            except (OSError, ZarrckptError):
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def read(self, key: str, limit: int | None = None) -> bytes:
         fd, size = self._open_regular(key)

@@ -446,17 +446,18 @@ def create(name: str) -> Method:
 
 
 class _ZarrckptFsyncPolicy(Zarrckpt):
-    """zarrckpt with another local fsync policy (LocalStorage class attributes), to compare."""
+    """zarrckpt with another local write policy (LocalStorage class attributes), to compare."""
 
-    eager_bytes: ClassVar[int]
-    syncfs_from: ClassVar[int]
+    policy: ClassVar[tuple[tuple[str, object], ...]]  # (LocalStorage attribute, value)
 
     def setup(self) -> None:
         super().setup()
         from zarrckpt._storage import LocalStorage
 
-        LocalStorage.EAGER_FSYNC_BYTES = self.eager_bytes
-        LocalStorage.SYNCFS_FROM = self.syncfs_from
+        for attribute, value in self.policy:
+            if not hasattr(LocalStorage, attribute):
+                raise MethodUnavailable(f"this zarrckpt's LocalStorage has no {attribute}")
+            setattr(LocalStorage, attribute, value)
 
 
 @register
@@ -464,8 +465,7 @@ class ZarrckptSyncfsOnly(_ZarrckptFsyncPolicy):
     """Every file written first, then one syncfs for all of them (no fsync per file)."""
 
     name = "zarrckpt-syncfs"
-    eager_bytes = 1 << 62
-    syncfs_from = 1
+    policy = (("EAGER_FSYNC_BYTES", 1 << 62), ("SYNCFS_FROM", 1))
 
 
 @register
@@ -473,23 +473,15 @@ class ZarrckptDeferred(_ZarrckptFsyncPolicy):
     """Every file written first, then an fsync each, 8 at once (the engine before issue 14)."""
 
     name = "zarrckpt-deferred"
-    eager_bytes = 1 << 62
-    syncfs_from = 1 << 62
+    policy = (("EAGER_FSYNC_BYTES", 1 << 62), ("SYNCFS_FROM", 1 << 62))
 
 
 @register
 class ZarrckptStartWriteback(_ZarrckptFsyncPolicy):
-    """Each chunk's writeback started as written (sync_file_range), then one syncfs for all."""
+    """Chunks through the page cache, each one's writeback started as written, then one syncfs."""
 
     name = "zarrckpt-start"
-    eager_bytes = 1 << 20
-    syncfs_from = 1
-
-    def setup(self) -> None:
-        super().setup()
-        from zarrckpt._storage import LocalStorage
-
-        LocalStorage.CHUNK_WRITEBACK = "start"
+    policy = (("CHUNK_WRITEBACK", "start"), ("SYNCFS_FROM", 1))
 
 
 @register
@@ -497,11 +489,4 @@ class ZarrckptDirectNoFallocate(_ZarrckptFsyncPolicy):
     """O_DIRECT chunk writes without reserving each file's blocks first (no fallocate)."""
 
     name = "zarrckpt-nofalloc"
-    eager_bytes = 1 << 20
-    syncfs_from = 32
-
-    def setup(self) -> None:
-        super().setup()
-        from zarrckpt._storage import LocalStorage
-
-        LocalStorage.FALLOCATE = False
+    policy = (("FALLOCATE", False),)

@@ -470,6 +470,19 @@ def test_direct_writes_fill_the_buffer_many_times_and_keep_every_byte(
     np.testing.assert_array_equal(out.numpy(), values)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_parts_of_any_item_size_are_written_and_counted_in_bytes(tmp_path, monkeypatch, direct):
+    """A float32 part of 300,001 items is 1,200,004 bytes: a chunk, written whole."""
+    if not direct:
+        monkeypatch.setattr(LocalStorage, "CHUNK_WRITEBACK", "start")
+    values = np.arange(300_001, dtype=np.float32)
+    storage = LocalStorage(str(tmp_path))
+    storage.write("a/c.0", [memoryview(values), b"tail"])
+    storage.sync()
+    assert _resident(tmp_path / "a/c.0") is not direct  # 1 MiB or more: a chunk
+    assert (tmp_path / "a/c.0").read_bytes() == values.tobytes() + b"tail"
+
+
 @pytest.mark.parametrize("where", ["open", "write"])
 def test_a_filesystem_without_o_direct_gets_buffered_writes(tmp_path, monkeypatch, where):
     """EINVAL for O_DIRECT (at open, or at the first write) falls back to buffered writes."""

@@ -70,6 +70,10 @@ _fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_in
 _O_DIRECT: int | None = getattr(os, "O_DIRECT", None)
 
 
+def _nbytes(parts: Sequence[Buffer]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         count = os.pwrite(fd, data, offset)
@@ -284,7 +288,7 @@ class LocalStorage(Storage):
         path = self._path(key)
         self._watch_errors()
         self._ensure_dir(os.path.dirname(path))
-        chunk = self.fsync and sum(len(p) for p in parts) >= self.EAGER_FSYNC_BYTES
+        chunk = self.fsync and _nbytes(parts) >= self.EAGER_FSYNC_BYTES
         mode = self.CHUNK_WRITEBACK if chunk else "defer"
         if mode == "direct" and not (self._direct and self._write_direct(path, parts)):
             mode = "start"
@@ -356,7 +360,7 @@ class LocalStorage(Storage):
             # filesystem can, however many threads write files side by side.
             # A full disk says so here, before a byte is copied; a filesystem
             # that cannot reserve blocks (EOPNOTSUPP) is simply written to.
-            size = -(-sum(len(p) for p in parts) // align) * align
+            size = -(-_nbytes(parts) // align) * align
             if _fallocate(fd, 0, 0, size) != 0:
                 code = ctypes.get_errno()
                 if code in (errno.ENOSPC, errno.EDQUOT):

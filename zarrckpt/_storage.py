@@ -288,9 +288,10 @@ class LocalStorage(Storage):
         path = self._path(key)
         self._watch_errors()
         self._ensure_dir(os.path.dirname(path))
-        chunk = self.fsync and _nbytes(parts) >= self.EAGER_FSYNC_BYTES
+        nbytes = _nbytes(parts)
+        chunk = self.fsync and nbytes >= self.EAGER_FSYNC_BYTES
         mode = self.CHUNK_WRITEBACK if chunk else "defer"
-        if mode == "direct" and not (self._direct and self._write_direct(path, parts)):
+        if mode == "direct" and not (self._direct and self._write_direct(path, parts, nbytes)):
             mode = "start"
         if mode == "start" and _sync_file_range is None:
             mode = "fsync"
@@ -320,7 +321,7 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def _write_direct(self, path: str, parts: Sequence[Buffer]) -> bool:
+    def _write_direct(self, path: str, parts: Sequence[Buffer], nbytes: int) -> bool:
         """Write ``path`` with O_DIRECT, bypassing the page cache; False where it cannot.
 
         The parts are copied into this thread's aligned buffer; the last block
@@ -335,7 +336,7 @@ class LocalStorage(Storage):
             self._direct = False  # a filesystem without O_DIRECT: buffered from now on
             return False
         try:
-            self._fill_direct(path, fd, parts)
+            self._fill_direct(path, fd, parts, nbytes)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -347,7 +348,7 @@ class LocalStorage(Storage):
             os.close(fd)
         return True
 
-    def _fill_direct(self, path: str, fd: int, parts: Sequence[Buffer]) -> None:
+    def _fill_direct(self, path: str, fd: int, parts: Sequence[Buffer], nbytes: int) -> None:
         """Copy ``parts`` into this thread's buffer and write it out each time it is full.
 
         The last block is padded with zeros to ``DIRECT_ALIGN``, and the file
@@ -360,7 +361,7 @@ class LocalStorage(Storage):
             # filesystem can, however many threads write files side by side.
             # A full disk says so here, before a byte is copied; a filesystem
             # that cannot reserve blocks (EOPNOTSUPP) is simply written to.
-            size = -(-_nbytes(parts) // align) * align
+            size = -(-nbytes // align) * align
             if _fallocate(fd, 0, 0, size) != 0:
                 code = ctypes.get_errno()
                 if code in (errno.ENOSPC, errno.EDQUOT):
